@@ -1,0 +1,124 @@
+"""What every job shares: the common options, logging, and exceptions -> exit codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from medreason.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PREEMPTED, InputError, Preempted
+
+log = logging.getLogger("medreason")
+
+COMMON_HELP = """
+\b
+Config sources, lowest precedence first: the schema's defaults, --preset, --config FILE,
+--set dotted.key=value (repeatable), then MEDREASON_MODEL / MEDREASON_DATA.
+\b
+Exit codes: 0 done (or already done), 2 bad usage/config/data (do not retry),
+75 preempted after a checkpoint (requeue: it resumes), 1 anything else.
+"""
+
+
+@dataclass
+class JobContext:
+    """The parsed common options, resolved into a config and a store."""
+
+    config: Any  # medreason.config.Config
+    store: Any  # medreason.store.ArtifactStore
+    run_id: str
+    force: bool
+    preset: str | None
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure logging once. Ranks other than 0 log warnings and errors only."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if _rank() != 0:
+        level = logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--preset/--config/--set/--store/--run/--force/--verbose, shared by every job."""
+    options = [
+        click.option("--preset", metavar="NAME", default=None,
+                     help="Shipped recipe: phi2-seed (8-bit, the original), phi2-nf4 (QLoRA), "
+                          "phi2-bf16 (fast LoRA), demo (offline CPU)."),
+        click.option("--config", "config_file", metavar="FILE", default=None,
+                     type=click.Path(dir_okay=False),
+                     help="YAML file with sections model/data/lora/train/eval/merge."),
+        click.option("--set", "overrides", metavar="KEY=VALUE", multiple=True,
+                     help="Override one config key, e.g. --set train.max_steps=100 (repeatable)."),
+        click.option("--store", metavar="URI", envvar="MEDREASON_STORE", default="./artifacts",
+                     show_default=True,
+                     help="Artifact store: a folder or s3://bucket/prefix [env MEDREASON_STORE]."),
+        click.option("--run", "run_id", metavar="RUN_ID", envvar="MEDREASON_RUN", default=None,
+                     help="Run id: letters, digits, . _ - [env MEDREASON_RUN]. Required."),
+        click.option("--force", is_flag=True, default=False,
+                     help="Redo a stage that is already committed (also with a different config)."),
+        click.option("-v", "--verbose", is_flag=True, default=False, help="Debug logging."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def make_context(preset, config_file, overrides, store, run_id, force) -> JobContext:
+    from medreason.config import build_config
+    from medreason.store import ArtifactStore, validate_segment
+
+    if run_id is None:
+        raise click.UsageError("--run is required (or set MEDREASON_RUN)")
+    run_id = validate_segment(run_id, "--run")
+    config = build_config(preset, config_file, overrides)
+    return JobContext(config=config, store=ArtifactStore(store), run_id=run_id, force=force,
+                      preset=preset)
+
+
+def exit_codes(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's exceptions into the documented exit codes, with no traceback for
+    a user's mistake."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        setup_logging(kwargs.get("verbose", False))
+        try:
+            return func(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Preempted as exc:
+            log.warning("%s; exiting %d so the scheduler requeues the job", exc, EXIT_PREEMPTED)
+            sys.exit(EXIT_PREEMPTED)
+        except (InputError, ValueError) as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        except Exception:
+            log.exception("unexpected failure (exit %d; a scheduler may retry)", EXIT_FAILURE)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper

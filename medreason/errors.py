@@ -1,0 +1,32 @@
+"""Exceptions that map to the documented exit codes (see README, "Exit codes").
+
+| exception        | exit | meaning                                                        |
+|------------------|------|----------------------------------------------------------------|
+| InputError       | 2    | bad usage, config or input data; the message says what & where |
+| Preempted        | 75   | stopped by a signal after committing a checkpoint; requeue      |
+| anything else    | 1    | unexpected; a scheduler may retry                               |
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: "try again later"
+
+
+class InputError(ValueError):
+    """A user's mistake: bad config, bad data, a missing stage. Exit code 2, no traceback."""
+
+
+class StageConflict(InputError):
+    """A committed stage exists with a different config or inputs; needs --force or a new run id."""
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was committed in response to SIGTERM/SIGUSR1. Exit code 75."""
+
+    def __init__(self, step: int, checkpoint_uri: str):
+        super().__init__(f"preempted at step {step}; checkpoint committed at {checkpoint_uri}")
+        self.step = step
+        self.checkpoint_uri = checkpoint_uri
