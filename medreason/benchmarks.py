@@ -137,14 +137,19 @@ def options_string(options: dict[str, str]) -> str:
     return "Answer Choices:\n" + "\n".join(f"{k}. {v}" for k, v in options.items())
 
 
+def _one_line(text: Any) -> str:
+    # An option text with a line break would split its "X. text" line in the prompt.
+    return " ".join(str(text).split())
+
+
 def coerce_options(value: Any) -> dict[str, str]:
     """A dict {letter: text} from a dict, a list of texts, or an options string."""
     if value is None:
         return {}
     if isinstance(value, dict):
-        return {str(k).strip().upper(): str(v).strip() for k, v in value.items() if v is not None}
+        return {str(k).strip().upper(): _one_line(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
-        return {LETTERS[i]: str(v).strip() for i, v in enumerate(value) if i < len(LETTERS)}
+        return {LETTERS[i]: _one_line(v) for i, v in enumerate(value) if i < len(LETTERS)}
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("{"):
