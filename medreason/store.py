@@ -316,6 +316,7 @@ class ArtifactStore:
             iterator = tqdm(files, desc=f"upload {rel}", unit="file", disable=None)
         for name in iterator:
             self.put_file(os.path.join(local_dir, name), f"{rel}/{name}")
+            _test_pause_between_uploads()
         manifest = dict(manifest)
         manifest["files"] = table
         manifest.setdefault("committed_at", now_iso())
@@ -394,6 +395,33 @@ class ArtifactStore:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _test_pause_between_uploads() -> None:
+    """Test hook: MEDREASON_TEST_SLOW_COMMIT_S=<seconds> sleeps after each uploaded file, so a
+    test can SIGKILL a writer in the middle of a commit. Unset (always, outside tests): no-op."""
+    pause_s = os.environ.get("MEDREASON_TEST_SLOW_COMMIT_S")
+    if pause_s:
+        time.sleep(float(pause_s))
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    """The bytes of one file named by a local path or an absolute URI (s3://..., file://...).
+
+    S3 honours AWS_ENDPOINT_URL(_S3) like the store does. FileNotFoundError when it is missing.
+    """
+    if "://" not in uri or uri.startswith("file://"):
+        with open(uri[len("file://"):] if uri.startswith("file://") else uri, "rb") as fh:
+            return fh.read()
+    protocol = uri.split("://", 1)[0]
+    options: dict[str, Any] = {}
+    if protocol == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        options["skip_instance_cache"] = True
+    with fsspec.open(uri, "rb", **options) as fh:
+        return fh.read()
 
 
 # -- stages ------------------------------------------------------------------------------------
