@@ -1,0 +1,177 @@
+"""Load a staged base model for training: precision, quantization, LoRA targets, LoRA.
+
+The base model always comes from a staged local folder (see medreason.staging): training never
+downloads. Quantized bases (int8 / nf4) go through bitsandbytes and need CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from medreason.config import PHI_TARGETS, LoraConfig, ModelConfig
+from medreason.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# All attention and MLP projections per architecture (config.model_type). LoRA on all of
+# them (not just q/v) is what the QLoRA paper found necessary to match full fine-tuning.
+AUTO_TARGETS: dict[str, list[str]] = {
+    "phi": PHI_TARGETS,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+NEVER_TARGET = ("lm_head",)
+
+
+def compute_dtype(model_cfg: ModelConfig, device_type: str) -> Any:
+    """The dtype weights and activations use. On a CPU it is float32 whatever the config says:
+    bf16 matmuls on CPUs without AMX run ~10x slower than fp32 and fp16 is not worth it."""
+    import torch
+
+    if device_type != "cuda":
+        if model_cfg.dtype != "float32":
+            log.info("no CUDA device: training in float32 instead of model.dtype=%s", model_cfg.dtype)
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[model_cfg.dtype]
+
+
+def check_quantization(model_cfg: ModelConfig, device_type: str) -> None:
+    """Fail early (exit 2) when a quantized base cannot work here."""
+    if model_cfg.quantization == "none":
+        return
+    if device_type != "cuda":
+        raise InputError(
+            f"model.quantization={model_cfg.quantization} needs a CUDA GPU (bitsandbytes kernels); "
+            "this machine has none. Use model.quantization=none (e.g. --set model.quantization=none "
+            "--set model.dtype=float32) or run on a GPU node."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InputError(
+            f"model.quantization={model_cfg.quantization} needs the bitsandbytes package: "
+            "pip install bitsandbytes (it is in the project's image)"
+        ) from None
+
+
+def _bnb_config(model_cfg: ModelConfig, dtype: Any) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # NF4 with double quantization: the quantization constants are themselves quantized,
+    # ~0.37 bits/param saved (0.5 -> 0.127), i.e. ~130 MB on Phi-2's 2.78e9 parameters.
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_base_model(model_dir: str, model_cfg: ModelConfig, dtype: Any, device_index: int | None,
+                    gradient_checkpointing: bool) -> Any:
+    """The frozen base model from a staged folder, ready to take LoRA layers."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "low_cpu_mem_usage": True,
+    }
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    quantized = model_cfg.quantization != "none"
+    if quantized:
+        kwargs["quantization_config"] = _bnb_config(model_cfg, dtype)
+        # bitsandbytes quantizes while loading onto the GPU; each rank loads onto its own.
+        kwargs["device_map"] = {"": device_index or 0}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    for param in model.parameters():
+        param.requires_grad_(False)
+    # Quantized bases: we do what peft's prepare_model_for_kbit_training does (freeze, gradient
+    # checkpointing, input grads) minus its cast of every non-quantized weight to float32: in
+    # bf16 (fp32's exponent range) norms and logits do not overflow, and the cast would add
+    # 2 bytes x 2 x 131M params (Phi-2's embedding and lm_head, 51200 x 2560 each) = ~0.5 GB.
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs; input grads are still enabled
+        # so the reentrant variant (if someone switches) sees a tensor that requires grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """Short names (last path component) of the linear layers LoRA could wrap."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    names = set()
+    for full, module in model.named_modules():
+        # bitsandbytes' Linear8bitLt / Linear4bit subclass nn.Linear, so they are included.
+        if isinstance(module, (nn.Linear, Conv1D)):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(n for n in names if n not in NEVER_TARGET)
+
+
+def resolve_target_modules(model: Any, target_modules: list[str] | str) -> list[str]:
+    """'auto' -> the architecture's projections; an explicit list must all exist."""
+    available = linear_layer_names(model)
+    full_names = [n for n, _ in model.named_modules()]
+    model_type = getattr(model.config, "model_type", "")
+    if target_modules == "auto":
+        family = [t for t in AUTO_TARGETS.get(model_type, []) if t in available]
+        if family:
+            return family
+        log.info("lora.target_modules=auto: no projection list for model type %r; using every "
+                 "linear layer except %s", model_type, ", ".join(NEVER_TARGET))
+        return available
+    missing = [
+        t for t in target_modules
+        if not any(n == t or n.endswith("." + t) for n in full_names)
+    ]
+    if missing:
+        raise InputError(
+            f"lora.target_modules: {', '.join(repr(m) for m in missing)} match no module of this "
+            f"{type(model).__name__} (model type {model_type!r}); its linear layers are: "
+            f"{', '.join(available)}. Fix the list or use lora.target_modules=auto."
+        )
+    return list(target_modules)
+
+
+def apply_lora(model: Any, lora_cfg: LoraConfig, targets: list[str]) -> Any:
+    """Wrap ``model`` in a PEFT LoRA model; only the adapter (and biases per lora.bias) train."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        bias=lora_cfg.bias,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts. 4-bit weights are packed two per byte, so their
+    stored numel is doubled to count parameters, not bytes."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
