@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from importlib import resources
 from typing import Any, Literal
 
@@ -185,7 +186,9 @@ class Config(_Section):
                 "train.pack_len_tokens: must be >= data.max_len_tokens so every record fits in one row"
             )
         if problems:
-            raise ValueError("; ".join(problems))
+            # One problem per line, each starting with its dotted path; format_validation_error
+            # turns them into separate entries of the report.
+            raise ValueError("\n".join(problems))
         return self
 
     # -- hashing ---------------------------------------------------------------------------
@@ -261,6 +264,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+_BARE_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """'train.max_steps=100' -> ('train.max_steps', 100). Values are YAML scalars or [lists]."""
     if "=" not in item:
@@ -270,6 +276,14 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and value == raw.strip():
+        if value == "None":
+            # Python's spelling of null (YAML knows null and ~): `--set data.limit=None`.
+            # Lower-case 'none' stays a string: it is a valid value of model.quantization.
+            value = None
+        elif _BARE_FLOAT.fullmatch(value):
+            # PyYAML reads '1e-4' (no dot) as a string; users mean the number.
+            value = float(value)
     return key.strip(), value
 
 
@@ -293,6 +307,12 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"]
+        if err["type"] == "value_error" and not err["loc"]:
+            # The cross-field checks: each line already starts with its own dotted path.
+            lines.extend(f"  {line}" for line in str(err["ctx"]["error"]).splitlines())
+            continue
+        if err["type"] == "value_error":
+            msg = str(err.get("ctx", {}).get("error", msg))
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `medreason <job> --help` lists the sections)"
         elif "input" in err and err["type"] not in ("value_error", "missing"):

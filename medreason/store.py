@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 _TMP_MARK = ".tmp-"
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
 _VERSIONED_PACKAGES = (
     "medreason", "torch", "transformers", "peft", "accelerate", "bitsandbytes",
     "datasets", "tokenizers", "safetensors", "fsspec", "s3fs", "pydantic", "gguf",
@@ -58,7 +58,9 @@ def validate_segment(value: str | None, what: str = "run id") -> str:
         decoded != value
         or value in (".", "..")
         or ".." in value
-        or not _SEGMENT_RE.match(value)
+        # fullmatch, not match: '$' also matches before a trailing newline, so match() let
+        # 'run-1\n' through and a newline would end up inside a path and in log lines.
+        or not _SEGMENT_RE.fullmatch(value)
     ):
         raise InputError(
             f"{what} {value!r} is not allowed: use letters, digits and . _ - @ + = "
@@ -70,21 +72,45 @@ def validate_segment(value: str | None, what: str = "run id") -> str:
 def model_cache_name(name_or_path: str, revision: str | None) -> str:
     """'microsoft/phi-2', 'abc123' -> 'microsoft--phi-2@abc123' (a safe single segment)."""
     base = name_or_path.rstrip("/").split("://")[-1]
-    base = re.sub(r"[^A-Za-z0-9._-]+", "--", base).strip("-.") or "model"
-    name = f"{base[-96:]}@{(revision or 'main')[:40]}"
-    name = re.sub(r"[^A-Za-z0-9._@+=-]", "-", name).lstrip(".-")
+    base = re.sub(r"[^A-Za-z0-9._-]+", "--", base)
+    # '..' anywhere is refused by validate_segment, so 'org/my..model' must not keep it.
+    base = re.sub(r"\.{2,}", ".", base).strip("-.") or "model"
+    # A segment holds at most 128 characters: 87 of name + '@' + 40 of revision (a full
+    # commit sha) = 128. The tail of the name is kept: it is the part that differs.
+    name = f"{base[-87:]}@{(revision or 'main')[:40]}"
+    name = re.sub(r"[^A-Za-z0-9._@+=-]", "-", name)
+    name = re.sub(r"\.{2,}", ".", name).lstrip(".-")
     return validate_segment(name, "model cache name")
 
 
+# Query parameters that carry credentials: pre-signed URLs (X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token), tokens and passwords some S3-compatible gateways accept in the URL.
+_SECRET_QUERY_KEY = re.compile(r"signature|credential|token|secret|password|passwd|key", re.IGNORECASE)
+
+
 def redact(uri: str) -> str:
-    """Drop any user:password@ part of a URI before it reaches a log or a manifest."""
+    """Drop any user:password@ part and credential-bearing query values of a URI before it
+    reaches a log or a manifest."""
     parsed = urllib.parse.urlsplit(uri)
+    changed = False
     if parsed.username or parsed.password:
         host = parsed.hostname or ""
         if parsed.port:
             host += f":{parsed.port}"
-        return urllib.parse.urlunsplit(parsed._replace(netloc=f"***@{host}"))
-    return uri
+        parsed = parsed._replace(netloc=f"***@{host}")
+        changed = True
+    if parsed.query:
+        pairs = urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)
+        if any(_SECRET_QUERY_KEY.search(k) for k, _v in pairs):
+            query = "&".join(
+                f"{urllib.parse.quote(k, safe='')}="
+                + ("***" if _SECRET_QUERY_KEY.search(k) else urllib.parse.quote(v, safe=""))
+                for k, v in pairs
+            )
+            parsed = parsed._replace(query=query)
+            changed = True
+    # Untouched URIs come back byte for byte (urlunsplit would lower-case 'C:' and the like).
+    return urllib.parse.urlunsplit(parsed) if changed else uri
 
 
 # -- hashing -------------------------------------------------------------------------------------
@@ -326,7 +352,11 @@ class ArtifactStore:
         return manifest
 
     def verify(self, rel: str, manifest: dict[str, Any] | None = None, hashes: bool = True) -> dict[str, Any]:
-        """Check a committed folder's files against its manifest; InputError names the first bad one."""
+        """Check a committed folder's files against its manifest; InputError names the first bad one.
+
+        Sizes are checked everywhere; sha256 (``hashes``) only on local stores, where reading
+        is cheap. Remote files are hashed when they are downloaded by ``materialize``.
+        """
         manifest = manifest or self.read_manifest(rel)
         if manifest is None:
             raise InputError(f"{self.display(rel)} is not committed (no {MANIFEST})")
@@ -369,18 +399,30 @@ class ArtifactStore:
             return target
         tmp = f"{target}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
         os.makedirs(tmp, exist_ok=True)
-        for name, info in manifest.get("files", {}).items():
-            local = os.path.join(tmp, *name.split("/"))
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            self.fs.get_file(self.full(f"{rel}/{name}"), local)
-            if sha256_file(local) != info["sha256"]:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise InputError(f"{self.display(rel)}: {name} does not match its sha256 in {MANIFEST}")
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh)
-        if os.path.exists(target):
+        try:
+            for name, info in manifest.get("files", {}).items():
+                local = os.path.join(tmp, *name.split("/"))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                self.fs.get_file(self.full(f"{rel}/{name}"), local)
+                if sha256_file(local) != info["sha256"]:
+                    raise InputError(f"{self.display(rel)}: {name} does not match its sha256 in {MANIFEST}")
+            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
+                json.dump(manifest, fh)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.isdir(target) and not os.path.exists(done):
+            # Only complete folders are renamed into place, so this one is debris (e.g. edited
+            # by hand); nobody can be reading it as a cache entry.
             shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another reader (a second rank on this node) finished the same download first.
+            # Its folder is complete and may be in use: keep it, drop ours.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(done):
+                raise
         return target
 
     def list_committed(self, rel: str, prefix: str = "") -> list[str]:
