@@ -285,13 +285,14 @@ class ArtifactStore:
             self.fs.rm(path, recursive=True)
 
     def listdir(self, rel: str) -> list[str]:
-        """Names directly under a folder (empty when missing)."""
+        """Names directly under a folder (empty when missing), without a killed writer's temp files."""
         path = self.full(rel)
         try:
             entries = self.fs.ls(path, detail=False)
         except FileNotFoundError:
             return []
-        return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+        names = (os.path.basename(e.rstrip("/")) for e in entries)
+        return sorted(n for n in names if _TMP_MARK not in n)
 
     # commits ------------------------------------------------------------------------------------
     def read_manifest(self, rel: str) -> dict[str, Any] | None:

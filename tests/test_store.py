@@ -263,6 +263,13 @@ def test_write_bytes_leaves_no_temp_files(tmp_path):
     assert store.read_text("a/b/c.json") == "replaced"
 
 
+def test_listdir_hides_a_killed_writers_temp_files(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    store.write_bytes("runs/r/train/metrics.jsonl", b"{}\n")
+    (tmp_path / "store/runs/r/train/.adapter.bin.tmp-1a2b3c4d").write_bytes(b"half")
+    assert store.listdir("runs/r/train") == ["metrics.jsonl"]
+
+
 def test_store_uri_forms(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     relative = ArtifactStore("artifacts")
@@ -344,6 +351,7 @@ def test_writer_killed_mid_commit_leaves_no_commit_and_no_partial_file(store, tm
         # anything under its final name is complete
         assert store.fs.size(store.full(f"{rel}/{name}")) == (src / name).stat().st_size, name
 
+    assert all(".tmp-" not in n for n in store.listdir(rel))  # listings never show temp files
     # the next commit succeeds and cleans up whatever the killed writer left
     store.commit_dir(str(src), rel, _manifest())
     store.verify(rel)
