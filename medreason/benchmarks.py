@@ -203,26 +203,11 @@ def _norm(text: str) -> str:
 
 
 def letter_from_answer_text(answer: str, options: dict[str, str]) -> str:
-    """The option letter a MedReason ``answer`` names ('' when it cannot be told).
+    """The option letter a MedReason ``answer`` names ('' when it cannot be told): the same
+    rules prepare uses (medreason.data.recover_letter), so both agree on every gold letter."""
+    from medreason.data import recover_letter
 
-    Shapes seen in the dataset: "(B) text" (MedXpertQA), "text. Explanation: ..." (medmcqa),
-    "text" (medqa), "The final decision is: yes. ..." (pubmedqa).
-    """
-    answer = (answer or "").strip()
-    m = re.match(r"^\(?([A-J])\)(?:\s|$)", answer) or re.match(r"^([A-J])[.:](?:\s|$)", answer)
-    if m and m.group(1) in options:
-        return m.group(1)
-    decision = re.match(r"^the final decision is:?\s*(\w+)", answer, re.IGNORECASE)
-    head = decision.group(1) if decision else re.split(r"\.\s*Explanation\s*:", answer, maxsplit=1)[0]
-    head_n = _norm(head)
-    exact = [k for k, v in options.items() if _norm(v) == head_n]
-    if len(exact) == 1:
-        return exact[0]
-    prefix = [k for k, v in options.items() if _norm(v) and _norm(answer).startswith(_norm(v))]
-    longest = sorted(prefix, key=lambda k: len(_norm(options[k])), reverse=True)
-    if longest and (len(longest) == 1 or len(_norm(options[longest[0]])) > len(_norm(options[longest[1]]))):
-        return longest[0]
-    return ""
+    return recover_letter(answer or "", options)
 
 
 # -- records ---------------------------------------------------------------------------------------

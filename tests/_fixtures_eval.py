@@ -53,17 +53,19 @@ def records(n: int = 6, seed: int = 0) -> list[dict[str, Any]]:
 
 def commit_prepare(store: Any, run: str, cfg: Any, tokenizer: Any, recs: list[dict[str, Any]]) -> dict:
     """A prepare commit with eval.jsonl and eval.tokens.safetensors (prompt masked)."""
+    from medreason.data import encode_prompt, format_prompt, format_response
     from medreason.store import build_manifest
     from medreason.tokens import TokenizedSplit, save_split
 
+    template = cfg.data.template
     with store.staged_folder() as out:
         lines, toks = [], []
         for rec in recs:
-            prompt = f"Question: {rec['question']}\n{rec['options']}\nAnswer:"
-            response = f" {rec['reasoning']} The answer is {rec['answer_letter']}."
+            prompt = format_prompt(rec, template, tokenizer)
+            response = format_response(rec, template)
             rec = dict(rec, prompt=prompt, response=response)
             lines.append(json.dumps(rec))
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            p = encode_prompt(tokenizer, prompt, template)
             r = tokenizer(response, add_special_tokens=False)["input_ids"]
             toks.append((rec["uid"], p + r + [tokenizer.eos_token_id], len(p)))
         for name in ("eval", "train"):
