@@ -14,6 +14,8 @@ Settings worth knowing, with why:
 - select/cons_tres with CR_CPU: CPUs are the only consumable, so two 1-CPU jobs can share a
   2-core runner and no test has to think about memory limits.
 - JobRequeue=1: batch jobs are requeueable by default, as the preemption path expects.
+- AuthInfo cred_expire=10: a requeued job waits cred_expire before it may start again
+  (default 120 s), which would make every requeue test take minutes.
 - Random free ports for slurmctld/slurmd, so a system slurm on 6817/6818 is never hit.
 """
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import pytest
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-CLIENTS = ("sbatch", "squeue", "scontrol", "sinfo", "scancel")
+CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "sinfo", "scancel")
 START_TIMEOUT_S = 60.0
 FINISHED_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -50,6 +52,18 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: have the kernel SIGTERM a daemon when the test process dies, so a killed
+    pytest (timeout, Ctrl-C twice) leaves no slurmctld/slurmd/munged behind."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _mem_total_mb() -> int:
@@ -136,8 +150,15 @@ class SlurmCluster:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def stop(self) -> None:
-        # Cancel what is left so slurmd has no job processes when it goes down.
+        # Cancel what is left and let slurmd reap it (SIGTERM, then SIGKILL after KillWait=5 s):
+        # a slurmstepd whose slurmd is gone would linger with its job.
         self.run("scancel", "--partition", self.partition, check=False, timeout_s=10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            left = self.run("squeue", "-h", "-o", "%i", check=False, timeout_s=10)
+            if left.returncode != 0 or not left.stdout.strip():
+                break
+            time.sleep(0.5)
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -162,7 +183,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/run/slurmctld.pid
@@ -240,7 +261,8 @@ def start_cluster(root: Path) -> SlurmCluster:
     def spawn(*cmd: str) -> subprocess.Popen:
         log = open(root / "log" / f"{Path(cmd[0]).name}.stdout", "ab")  # noqa: SIM115
         proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         log.close()
         cluster.procs.append(proc)
         return proc

@@ -1,0 +1,293 @@
+"""The SLURM scripts in slurm/, run on a real single-node cluster (tests/slurm_cluster.py).
+
+Two kinds of test:
+- mechanics tests (names start with ``test_mechanics_``): the job command is replaced by a
+  stand-in shell script through the MEDREASON_CMD test hook, so signal forwarding, requeueing,
+  the requeue cap, exit-code handling, the multi-node rank wiring and the pipeline's dependency
+  chain are checked in seconds, without the package;
+- end-to-end tests (``test_e2e_``): the real ``medreason`` jobs with the offline demo preset.
+  They skip until ``medreason.training`` exists, and then turn on by themselves.
+
+The ``slurm_cluster`` fixture comes from tests/slurm_cluster.py (re-exported by conftest).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO_ROOT / "slurm"
+
+# A stand-in for a medreason job, for the mechanics tests only. It logs its arguments and the
+# restart count, then either exits at once with $STANDIN_EXIT, or behaves like train on a
+# preemption signal: it "commits a checkpoint" (a marker file) and exits 75. A rerun that
+# finds the marker "resumes" and finishes with 0.
+STANDIN = r"""#!/usr/bin/env bash
+state="$STANDIN_STATE"
+echo "start job=${SLURM_JOB_NAME:-?} restart=${SLURM_RESTART_COUNT:-0} args=$*" >>"$state/log"
+if [[ -n "${STANDIN_EXIT:-}" ]]; then
+    exit "$STANDIN_EXIT"
+fi
+if [[ -f "$state/checkpoint" ]]; then
+    echo "resumed from checkpoint" >>"$state/log"
+    exit 0
+fi
+on_signal() {
+    echo "got $1" >>"$state/log"
+    touch "$state/checkpoint"
+    exit 75
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+touch "$state/ready"
+# Short sleeps: bash runs a trap only once the foreground command has returned.
+for _ in $(seq 1200); do sleep 0.1; done
+echo "never signalled" >>"$state/log"
+exit 1
+"""
+
+
+def _wait_file(path: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout_s} s")
+        time.sleep(0.2)
+
+
+def _hurry_requeued(cluster: Any, job_id: str, timeout_s: float = 60.0) -> dict[str, str]:
+    """Wait until the job was requeued, then lift the hold SLURM puts on a requeued job."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = cluster.job_info(job_id)
+        if int(info.get("Restarts", "0")) >= 1 and info.get("JobState") == "PENDING":
+            # SLURM holds a requeued job back (BeginTime = now + cred_expire); start it now.
+            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            return info
+        if int(info.get("Restarts", "0")) >= 1 and info.get("JobState") in ("RUNNING", "COMPLETED"):
+            return info
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} was not requeued within {timeout_s} s: "
+                         f"{cluster.job_info(job_id)}")
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> dict[str, Any]:
+    """Stand-in job command + the environment that makes the scripts use it."""
+    script = tmp_path / "standin.sh"
+    script.write_text(STANDIN)
+    state = tmp_path / "state"
+    state.mkdir()
+    site_env = tmp_path / "site.env"
+    site_env.write_text("# empty: tests pass every setting through the environment\n")
+    env = {
+        "MEDREASON_HOME": str(REPO_ROOT),
+        "MEDREASON_SLURM_ENV": str(site_env),
+        "MEDREASON_CMD": f"bash {script}",
+        "STANDIN_STATE": str(state),
+    }
+    return {"env": env, "state": state, "dir": tmp_path}
+
+
+CPU_FLAGS = ("--gpus-per-node=0", "--cpus-per-task=1")
+
+
+def test_trivial_sbatch_completes(slurm_cluster: Any, tmp_path: Path) -> None:
+    """The cluster itself: a one-line batch job runs and completes."""
+    script = tmp_path / "hello.sh"
+    script.write_text("#!/bin/bash\necho hello from $SLURM_JOB_ID on $(hostname)\n")
+    out = tmp_path / "hello.out"
+    job = slurm_cluster.sbatch(f"--output={out}", str(script), cwd=tmp_path)
+    info = slurm_cluster.wait_for(job, timeout_s=60)
+    assert info["JobState"] == "COMPLETED", info
+    assert f"hello from {job}" in out.read_text()
+
+
+def test_mechanics_train_forwards_usr1_and_requeues(slurm_cluster: Any, standin: dict) -> None:
+    """train.sh: USR1 to the batch shell reaches the job; exit 75 requeues; the rerun resumes."""
+    out = standin["dir"] / "train.out"
+    job = slurm_cluster.sbatch(*CPU_FLAGS, f"--output={out}", str(SLURM_DIR / "train.sh"),
+                               "--preset", "demo", "--run", "r1",
+                               env=standin["env"], cwd=standin["dir"])
+    _wait_file(standin["state"] / "ready")
+    # What SLURM does near the time limit with --signal=B:USR1@300: signal the batch shell only.
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+    _hurry_requeued(slurm_cluster, job)
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout_s=90)
+    assert info["JobState"] == "COMPLETED", (info, out.read_text())
+    assert info["Restarts"] == "1"
+
+    log = (standin["state"] / "log").read_text().splitlines()
+    assert log[0] == "start job=medreason-train restart=0 args=--preset demo --run r1"
+    assert log[1] == "got USR1"
+    assert log[2] == "start job=medreason-train restart=1 args=--preset demo --run r1"
+    assert log[3] == "resumed from checkpoint"
+    batch_log = out.read_text()  # --open-mode=append keeps both runs
+    assert "got SIGUSR1; forwarding SIGUSR1" in batch_log
+    assert "exit 75: requeueing job" in batch_log
+    assert batch_log.count("stage=train") == 2
+
+
+def test_mechanics_train_requeue_cap(slurm_cluster: Any, standin: dict) -> None:
+    """With MEDREASON_MAX_REQUEUES reached, exit 75 ends the job as failed with 75."""
+    out = standin["dir"] / "capped.out"
+    env = {**standin["env"], "MEDREASON_MAX_REQUEUES": "0"}
+    job = slurm_cluster.sbatch(*CPU_FLAGS, f"--output={out}", str(SLURM_DIR / "train.sh"),
+                               "--run", "r2", env=env, cwd=standin["dir"])
+    _wait_file(standin["state"] / "ready")
+    slurm_cluster.run("scancel", "--signal=TERM", "--batch", job)
+    info = slurm_cluster.wait_for(job, timeout_s=60)
+    assert info["JobState"] == "FAILED", (info, out.read_text())
+    assert info["ExitCode"] == "75:0"
+    assert info["Restarts"] == "0"
+    assert "cap 0 reached: not requeueing" in out.read_text()
+    assert "got TERM" in (standin["state"] / "log").read_text()
+
+
+def test_mechanics_exit_2_is_not_retried(slurm_cluster: Any, standin: dict) -> None:
+    """A usage/config/data error (exit 2) fails the job at once, with no requeue."""
+    out = standin["dir"] / "bad.out"
+    env = {**standin["env"], "STANDIN_EXIT": "2"}
+    job = slurm_cluster.sbatch(*CPU_FLAGS, f"--output={out}", str(SLURM_DIR / "evaluate.sh"),
+                               "--run", "r3", env=env, cwd=standin["dir"])
+    info = slurm_cluster.wait_for(job, timeout_s=60)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0")
+    assert "not retrying" in out.read_text()
+
+
+def test_mechanics_multinode_rank_wiring(slurm_cluster: Any, standin: dict) -> None:
+    """train_multinode.sh: each srun task passes its own SLURM_PROCID as --machine_rank and
+    the first node of the allocation as the rendezvous address."""
+    out = standin["dir"] / "multi.out"
+    env = {**standin["env"], "STANDIN_EXIT": "0", "MEDREASON_MAIN_PORT": "29555"}
+    job = slurm_cluster.sbatch("--nodes=1", *CPU_FLAGS, f"--output={out}",
+                               str(SLURM_DIR / "train_multinode.sh"), "--preset", "demo",
+                               "--run", "r4", env=env, cwd=standin["dir"])
+    info = slurm_cluster.wait_for(job, timeout_s=60)
+    assert info["JobState"] == "COMPLETED", (info, out.read_text())
+    line = (standin["state"] / "log").read_text().splitlines()[0]
+    args = line.split("args=", 1)[1]
+    assert "--num_machines 1 --num_processes 1" in args
+    assert "--main_process_ip localhost --main_process_port 29555" in args
+    assert "--machine_rank 0" in args
+    assert args.endswith("-m jobs.train --preset demo --run r4")
+    assert "accelerate_configs/multi_node.yaml" in args
+
+
+def test_mechanics_pipeline_chain(slurm_cluster: Any, standin: dict) -> None:
+    """pipeline.sh submits the four stages chained with afterok and one shared run id."""
+    env = {**standin["env"], "STANDIN_EXIT": "0", "MEDREASON_GPUS": "0",
+           "MEDREASON_CPUS_PER_TASK": "1"}
+    proc = slurm_cluster.run("bash", str(SLURM_DIR / "pipeline.sh"), "--preset", "demo",
+                             "--store", "/tmp/nowhere", env=env, cwd=standin["dir"])
+    jobs = dict(line.split() for line in proc.stdout.splitlines())
+    assert list(jobs) == ["prepare", "train", "evaluate", "merge"]
+    deps = {stage: slurm_cluster.job_info(job).get("Dependency", "") for stage, job in jobs.items()}
+    for stage, job in jobs.items():
+        info = slurm_cluster.wait_for(job, timeout_s=90)
+        assert info["JobState"] == "COMPLETED", (stage, info)
+    # Dependencies are cleared once satisfied; those still visible must point upstream.
+    for stage, upstream in (("train", "prepare"), ("evaluate", "train"), ("merge", "train")):
+        assert deps[stage] in ("(null)", "") or f"afterok:{jobs[upstream]}" in deps[stage], deps
+
+    log = (standin["state"] / "log").read_text().splitlines()
+    names = [line.split()[1] for line in log]
+    assert names[:2] == ["job=medreason-prepare", "job=medreason-train"]
+    assert sorted(names[2:]) == ["job=medreason-evaluate", "job=medreason-merge"]
+    run_ids = {line.split("--run ", 1)[1].split()[0] for line in log}
+    assert len(run_ids) == 1, log  # one generated run id shared by all four stages
+    assert all("--preset demo --store /tmp/nowhere" in line for line in log)
+
+
+# -- end to end: the real jobs -----------------------------------------------------------------
+def _have_jobs() -> bool:
+    try:
+        return importlib.util.find_spec("medreason.training") is not None
+    except ImportError:
+        return False
+
+
+needs_jobs = pytest.mark.skipif(not _have_jobs(), reason="medreason.training not written yet")
+
+
+# Small enough for 2 CPU cores: a few steps, a checkpoint every 2, a short evaluation.
+E2E_STEPS = 6
+E2E_SETS = ("--set", f"train.max_steps={E2E_STEPS}", "--set", "train.save_every_steps=2",
+            "--set", f"train.eval_every_steps={E2E_STEPS}", "--set", "eval.heldout_limit=4",
+            "--set", "eval.max_new_tokens=32", "--set", "eval.compare_base=false")
+
+
+def _e2e_env(tmp_path: Path) -> dict[str, str]:
+    site_env = tmp_path / "site.env"
+    site_env.write_text("# empty\n")
+    return {"MEDREASON_HOME": str(REPO_ROOT), "MEDREASON_SLURM_ENV": str(site_env)}
+
+
+def _steps_in(obj: Any) -> list[int]:
+    """Every integer under a key naming a step count, anywhere in a manifest."""
+    found: list[int] = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in ("global_step", "steps", "final_step", "step", "steps_done") and isinstance(value, int):
+                found.append(value)
+            found.extend(_steps_in(value))
+    elif isinstance(obj, list):
+        for value in obj:
+            found.extend(_steps_in(value))
+    return found
+
+
+@needs_jobs
+@pytest.mark.slow
+def test_e2e_pipeline_demo_commits_all_stages(slurm_cluster: Any, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    env = {**_e2e_env(tmp_path), "MEDREASON_GPUS": "0",
+           "MEDREASON_CPUS_PER_TASK": str(slurm_cluster.cpus)}
+    proc = slurm_cluster.run("bash", str(SLURM_DIR / "pipeline.sh"), "--preset", "demo",
+                             "--store", str(store), "--run", "e2e", *E2E_SETS, env=env,
+                             cwd=tmp_path)
+    jobs = dict(line.split() for line in proc.stdout.splitlines())
+    for stage in ("prepare", "train", "evaluate", "merge"):
+        info = slurm_cluster.wait_for(jobs[stage], timeout_s=900)
+        logs = "\n".join(p.read_text() for p in tmp_path.glob("medreason-*.out"))
+        assert info["JobState"] == "COMPLETED", (stage, info, logs[-4000:])
+        assert (store / "runs" / "e2e" / stage / "MANIFEST.json").exists(), stage
+
+
+@needs_jobs
+@pytest.mark.slow
+def test_e2e_train_preempted_requeued_resumes(slurm_cluster: Any, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    env = _e2e_env(tmp_path)
+    common = ("--preset", "demo", "--store", str(store), "--run", "pre", *E2E_SETS)
+    cpu = ("--gpus-per-node=0", f"--cpus-per-task={slurm_cluster.cpus}")
+    prep = slurm_cluster.sbatch(f"--cpus-per-task={slurm_cluster.cpus}",
+                                str(SLURM_DIR / "prepare.sh"), *common, env=env, cwd=tmp_path)
+    assert slurm_cluster.wait_for(prep, timeout_s=300)["JobState"] == "COMPLETED"
+
+    out = tmp_path / "train.out"
+    job = slurm_cluster.sbatch(*cpu, f"--output={out}", str(SLURM_DIR / "train.sh"), *common,
+                               env=env, cwd=tmp_path)
+    checkpoints = store / "runs" / "pre" / "train" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("step-*/MANIFEST.json")):
+        assert time.monotonic() < deadline, out.read_text() if out.exists() else "no log"
+        assert slurm_cluster.job_state(job) in ("PENDING", "RUNNING"), out.read_text()
+        time.sleep(1)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+    _hurry_requeued(slurm_cluster, job, timeout_s=300)
+    info = slurm_cluster.wait_for(job, timeout_s=900)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", (info, log[-4000:])
+    assert int(info["Restarts"]) >= 1
+    assert "exit 75: requeueing job" in log
+
+    manifest = json.loads((store / "runs" / "pre" / "train" / "MANIFEST.json").read_text())
+    assert E2E_STEPS in _steps_in(manifest), (
+        f"train manifest does not record {E2E_STEPS} steps: {json.dumps(manifest)[:2000]}")
