@@ -79,15 +79,29 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+_WORDS = (
+    "fever cough dyspnea chest pain abdominal tenderness jaundice rash edema syncope palpitations "
+    "headache vomiting diarrhea weight loss fatigue hematuria proteinuria anemia leukocytosis "
+    "thrombocytopenia hypotension tachycardia bradycardia murmur crackles wheeze cyanosis clubbing "
+    "ascites splenomegaly hepatomegaly lymphadenopathy arthralgia myalgia paresthesia ataxia tremor "
+    "seizure confusion polyuria polydipsia hyperkalemia hyponatremia acidosis alkalosis infiltrate "
+    "effusion nodule mass ulcer stricture fistula abscess hemorrhage infarct thrombus embolus"
+).split()
+
+
 def make_records(n: int, start: int = 0, dataset: str = "medqa") -> list[dict]:
-    """Distinct small MedReason-shaped records (answers are option texts, letters known)."""
+    """Distinct small MedReason-shaped records (answers are option texts, letters known). Each
+    question is its own random word sequence, so no two share a run of 8 words."""
+    import random
+
     rows = []
     for i in range(start, start + n):
+        rng = random.Random(i)
         opts = [f"drug {i} alpha", f"drug {i} beta", f"drug {i} gamma", f"drug {i} delta"]
         rows.append({
             "dataset_name": dataset,
             "id_in_dataset": i,
-            "question": f"Patient number {i} presents with fever and cough. What is the treatment of choice?",
+            "question": f"Patient {i} has " + " ".join(rng.choices(_WORDS, k=20)) + ". What is the treatment?",
             "options": "Answer Choices:\n" + "\n".join(f"{'ABCD'[k]}. {o}" for k, o in enumerate(opts)),
             "reasoning": f"Finding reasoning paths:\n1. fever -> infection -> {opts[i % 4]}\n\n"
                          f"Reasoning Process:\nThe findings of patient {i} point to {opts[i % 4]}.",
