@@ -144,10 +144,19 @@ class TrainerState:
 
 
 def make_accelerator() -> Any:
-    """The Accelerator for this process (its settings come from `accelerate launch`)."""
+    """The Accelerator for this process (its settings come from `accelerate launch`).
+
+    Several processes without CUDA (``accelerate launch --multi_gpu --num_processes 2`` or
+    ``torchrun`` on a CPU machine) become a gloo process group: accelerate only does that when
+    told the run is on CPU, and its own ``--cpu`` flag launches a single process unless mpirun
+    is set up, so we say it here.
+    """
+    import torch
     from accelerate import Accelerator
 
-    return Accelerator()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    cpu = world > 1 and not torch.cuda.is_available()
+    return Accelerator(cpu=cpu) if cpu else Accelerator()
 
 
 def resolve_model_dir(store: ArtifactStore, model_cfg: ModelConfig) -> str:
@@ -172,8 +181,8 @@ def make_layout(cfg: Config, train: bool = True) -> Layout:
     return Layout(mode, cfg.data.max_len_tokens, cfg.train.micro_batch_size, 8)
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + rank) % (2**63 - 1)
+def _step_seed(seed: int, step: int, slot: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + slot) % (2**63 - 1)
 
 
 def _peak_flops(device: Any) -> float | None:
@@ -711,10 +720,13 @@ class Trainer:
                 step_mbs = plan[index * A * W:(index + 1) * A * W]
                 n_targets, n_real = step_counts(self.train_split, step_mbs, self.layout)
                 mine = step_micro_batches(plan, index, A, W, self.rank)
-                torch.manual_seed(_step_seed(tc.seed, step, self.rank))
                 t0 = time.perf_counter()
                 scale = W / max(n_targets, 1)
                 for a, mb in enumerate(mine):
+                    # Dropout masks from (seed, step, the micro-batch's slot in the step): the same
+                    # micro-batch gets the same mask whichever rank or accumulation slot runs it,
+                    # and a resumed run needs no RNG history.
+                    torch.manual_seed(_step_seed(tc.seed, step, a * W + self.rank))
                     batch = _to_device(collate(self.train_split, mb, self.layout, self.pad_id), device)
                     # Gradients are all-reduced only on the last micro-batch of the step.
                     sync = contextlib.nullcontext() if a == A - 1 else self.acc.no_sync(model)
