@@ -632,8 +632,8 @@ def encode_records(records: Sequence[dict[str, Any]], tokenizer: Any, settings: 
     prompts = [format_prompt(r, settings.template, tokenizer) for r in records]
     responses = [format_response(r, settings.template) for r in records]
     add_special = prompt_add_special_tokens(settings.template)
-    prompt_ids = tokenizer(prompts, add_special_tokens=add_special)["input_ids"] if records else []
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if records else []
+    prompt_ids = batch_ids(tokenizer, prompts, add_special)
+    response_ids = batch_ids(tokenizer, responses, False)
     out = []
     for record, prompt, response, p_ids, r_ids in zip(records, prompts, responses, prompt_ids, response_ids,
                                                       strict=True):
@@ -653,6 +653,21 @@ def encode_records(records: Sequence[dict[str, Any]], tokenizer: Any, settings: 
         prompt_len = 0 if settings.train_on_prompt else len(p_ids)
         out.append(Encoded(record["uid"], prompt, response, ids, prompt_len, status, n_full))
     return out
+
+
+def batch_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of a batch of texts, the same as ``tokenizer(texts)["input_ids"]``.
+
+    Goes straight to the Rust tokenizer's encode_batch_fast (no offsets, no attention masks, no
+    BatchEncoding) when it has one and no truncation/padding is configured on it: ~20% less CPU,
+    and tokenizing is nearly all of prepare's time (~19M tokens for the full dataset)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is not None and backend.truncation is None and backend.padding is None:
+        return [e.ids for e in fast(texts, add_special_tokens=add_special_tokens)]
+    return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
 
 
 def _truncate_reasoning(record: dict[str, Any], n_prompt: int, tokenizer: Any,
