@@ -51,7 +51,8 @@ def records(n: int = 6, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def commit_prepare(store: Any, run: str, cfg: Any, tokenizer: Any, recs: list[dict[str, Any]]) -> dict:
+def commit_prepare(store: Any, run: str, cfg: Any, tokenizer: Any, recs: list[dict[str, Any]],
+                   inputs: dict[str, str] | None = None) -> dict:
     """A prepare commit with eval.jsonl and eval.tokens.safetensors (prompt masked)."""
     from medreason.data import encode_prompt, format_prompt, format_response
     from medreason.store import build_manifest
@@ -73,7 +74,7 @@ def commit_prepare(store: Any, run: str, cfg: Any, tokenizer: Any, recs: list[di
                 fh.write("\n".join(lines) + "\n")
             save_split(TokenizedSplit.from_records(toks), os.path.join(out, f"{name}.tokens.safetensors"))
         manifest = build_manifest(stage="prepare", run_id=run, config=cfg,
-                                  config_hash=cfg.stage_hash("prepare"),
+                                  config_hash=cfg.stage_hash("prepare"), inputs=inputs,
                                   metrics={"n_train": len(recs), "n_eval": len(recs)})
         return store.commit_dir(out, store.stage_rel(run, "prepare"), manifest)
 
@@ -128,15 +129,16 @@ def build_run(store_dir: Path | str, model: Path | str, run: str = "r1", n: int 
 
     from medreason.config import build_config
     from medreason.staging import local_model_dir, stage_model
-    from medreason.store import ArtifactStore
+    from medreason.store import ArtifactStore, manifest_hash
 
     store = ArtifactStore(str(store_dir))
     overrides = model_overrides(model, targets) + list(extra)
     cfg = build_config(overrides=overrides)
-    stage_model(store, cfg.model)
+    model_manifest = stage_model(store, cfg.model)
     model_dir = local_model_dir(store, cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    commit_prepare(store, run, cfg, tokenizer, records(n))
+    # The inputs prepare itself records, so a real `medreason prepare` sees this commit as done.
+    commit_prepare(store, run, cfg, tokenizer, records(n), inputs={"model": manifest_hash(model_manifest)})
     if train:
         commit_train(store, run, cfg, model_dir, targets=targets)
     return store, cfg, overrides
