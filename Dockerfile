@@ -58,7 +58,8 @@ ENV MEDREASON_STORE=/store \
     MEDREASON_LOCAL_CACHE=/scratch/medreason-cache \
     XDG_CACHE_HOME=/scratch/.cache \
     MPLCONFIGDIR=/scratch/.matplotlib \
-    TRITON_CACHE_DIR=/scratch/.triton
+    TRITON_CACHE_DIR=/scratch/.triton \
+    CUDA_CACHE_PATH=/scratch/.nv
 
 VOLUME ["/store", "/scratch", "/hf-cache"]
 USER 1000:1000

@@ -264,7 +264,9 @@ def test_e2e_pipeline_demo_commits_all_stages(slurm_cluster: Any, tmp_path: Path
 @pytest.mark.slow
 def test_e2e_train_preempted_requeued_resumes(slurm_cluster: Any, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    env = _e2e_env(tmp_path)
+    # The package's test hook: a pause after every step, so a fast machine cannot finish the
+    # remaining steps before the signal lands.
+    env = {**_e2e_env(tmp_path), "MEDREASON_TEST_STEP_DELAY_S": "2"}
     common = ("--preset", "demo", "--store", str(store), "--run", "pre", *E2E_SETS)
     cpu = ("--gpus-per-node=0", f"--cpus-per-task={slurm_cluster.cpus}")
     prep = slurm_cluster.sbatch(f"--cpus-per-task={slurm_cluster.cpus}",
