@@ -31,9 +31,11 @@ starts over and removes the old checkpoints; --force on a committed train stage 
 Without a conflict, --force resumes like a plain rerun, so a requeued job keeps its progress.
 
 \b
-Distributed (DDP; FSDP for bf16 LoRA), rank 0 writes to the store:
+Distributed (DDP; FSDP for bf16 LoRA), rank 0 writes to the store, the others wait:
   accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m jobs.train --run ID ...
-  accelerate launch --cpu --num_processes 2 -m jobs.train --run ID ...      (CPU, gloo)
+  accelerate launch --config_file accelerate_configs/fsdp.yaml -m jobs.train --run ID ...
+  accelerate launch --config_file accelerate_configs/cpu.yaml -m jobs.train --run ID ...  (CPU, gloo)
+The global batch is micro_batch_size x grad_accum_steps x processes rows.
 {COMMON_HELP}"""
 
 

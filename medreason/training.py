@@ -309,20 +309,125 @@ def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return out
 
 
-def forward_loss(model: Any, batch: dict[str, Any], mode: str, attn_impl: str, dtype: Any) -> Any:
+FAST_PATH_ENV = "MEDREASON_FAST_PATH"
+
+
+def fast_path_enabled(device_type: str) -> bool:
+    """Whether packed rows use the varlen attention and the target-only loss head.
+
+    On by default on CUDA, off on CPU (the block-mask path there is the reference the tests
+    compare against). MEDREASON_FAST_PATH=0/1 forces it (benchmarks, parity tests)."""
+    value = os.environ.get(FAST_PATH_ENV, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    return device_type == "cuda"
+
+
+def add_fast_fields(batch: dict[str, Any], varlen: bool, head: bool) -> dict[str, Any]:
+    """Host-side extras for the fast path, computed from a collated (numpy) batch.
+
+    cu_seqlens: record starts over the flattened [B*L] tokens (every position 0 starts a
+    record; a padding tail counts as one more record, which nothing attends into), int32 as
+    the varlen kernel wants. target_index / target_ids: the flat positions that carry a
+    target and their labels, so the LM head runs only there (prompt and padding positions,
+    ~30% of a MedReason row, never become 51,200-wide logits). Computed here, not on the
+    device, so the step needs no host sync (a boolean mask on the GPU would need one).
+    """
+    out = dict(batch)
+    if varlen:
+        flat_pos = batch["position_ids"].reshape(-1)
+        starts = np.flatnonzero(flat_pos == 0)
+        out["cu_seqlens"] = np.append(starts, flat_pos.size).astype(np.int32)
+        out["max_seqlen"] = int(batch["position_ids"].shape[1])
+    if head:
+        flat = batch["targets"].reshape(-1)
+        index = np.flatnonzero(flat != IGNORE_INDEX)
+        out["target_index"] = index.astype(np.int64)
+        out["target_ids"] = flat[index].astype(np.int64)
+    return out
+
+
+class TargetHead:
+    """The LM head and cross-entropy, applied to the target positions only.
+
+    The model's own lm_head is swapped for an identity (install()), so the model returns
+    final hidden states [B, L, 2560] instead of logits [B, L, 51200] (for 4x2048 rows that is
+    the difference between 84 MB and 1.7 GB of bf16, 3.4 GB once upcast to float32). With
+    liger_kernel on CUDA the head+loss is its fused linear cross-entropy, which never holds
+    more than a chunk of logits; otherwise it is F.linear + F.cross_entropy on the targets.
+    """
+
+    def __init__(self, linear: Any, use_liger: bool):
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.liger: Any = None
+        if use_liger:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            self.liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    @classmethod
+    def install(cls, model: Any) -> TargetHead | None:
+        """Replace the base model's output Linear by an identity; None when it has none."""
+        import torch.nn as nn
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        getter = getattr(base, "get_output_embeddings", None)
+        linear = getter() if getter else None
+        if not isinstance(linear, nn.Linear) or linear.weight.requires_grad:
+            return None
+        use_liger = False
+        if linear.weight.is_cuda:
+            try:
+                import liger_kernel  # noqa: F401
+
+                use_liger = True
+            except ImportError:
+                log.info("liger_kernel not installed: LM head + loss on target positions, unfused")
+        head = cls(linear, use_liger)
+        base.set_output_embeddings(nn.Identity())
+        return head
+
+    def __call__(self, hidden: Any, batch: dict[str, Any]) -> Any:
+        import torch.nn.functional as F
+
+        h = hidden.flatten(0, 1).index_select(0, batch["target_index"])
+        targets = batch["target_ids"]
+        if h.shape[0] == 0:
+            return hidden.sum() * 0.0
+        if self.liger is not None:
+            return self.liger(self.weight, h, targets, self.bias)
+        logits = F.linear(h, self.weight, self.bias)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def forward_loss(model: Any, batch: dict[str, Any], mode: str, attn_impl: str, dtype: Any,
+                 head: TargetHead | None = None) -> Any:
     """Summed cross-entropy over the batch's targets (a 0-d tensor; no host sync)."""
     import torch.nn.functional as F
+
+    from medreason.modeling import VARLEN_ATTENTION
 
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if mode == "packed":
         kwargs["position_ids"] = batch["position_ids"]
-        if attn_impl != "flash_attention_2":
+        if attn_impl == VARLEN_ATTENTION:
+            # Record boundaries for the varlen kernel; transformers passes these keywords
+            # through to every attention call. max_length is the row length (an upper bound
+            # the kernel only uses to size its grid), constant, so no recompilation.
+            kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = batch["cu_seqlens"]
+            kwargs["max_length_q"] = kwargs["max_length_k"] = batch["max_seqlen"]
+        elif attn_impl != "flash_attention_2":
             kwargs["attention_mask"] = block_causal_mask(batch["segment_ids"], attn_impl, dtype)
         # flash_attention_2 finds the record boundaries from position_ids (varlen kernel).
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
-    logits = model(**kwargs).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
+    out = model(**kwargs).logits
+    if head is not None:
+        return head(out, batch)
+    return F.cross_entropy(out.float().flatten(0, 1), batch["targets"].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -350,6 +455,8 @@ class Trainer:
         self.writer: Any = None
         self.last_saved_step = -1
         self.timings: dict[str, float] = {}
+        self.head: TargetHead | None = None
+        self.attn_impl = "eager"
 
     # -- set-up -------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -390,11 +497,12 @@ class Trainer:
 
     def _decide_start(self) -> None:
         """Resume from the newest checkpoint, or start fresh (removing stale state with --force)."""
+        # --force on a committed stage redoes it from scratch; otherwise --force only matters
+        # when the newest checkpoint belongs to another config (a requeued job that carries
+        # --force in its command line still resumes its own checkpoints).
         wipe_all = self.force and self.store.is_committed(self.train_rel)
-        resume, wipe_ckpts = find_resume_point(self.store, self.ckpt_rel, self.config_hash, self.inputs,
-                                               self.force and not wipe_all)
-        if wipe_all:
-            resume = None
+        resume, wipe_ckpts = (None, False) if wipe_all else find_resume_point(
+            self.store, self.ckpt_rel, self.config_hash, self.inputs, self.force)
         self.acc.wait_for_everyone()  # every rank has read the listing before rank 0 changes it
         if self.is_main and (wipe_all or wipe_ckpts):
             if wipe_all:
@@ -414,6 +522,9 @@ class Trainer:
         mc, tc = self.cfg.model, self.cfg.train
         device = self.acc.device
         modeling.check_quantization(mc, device.type)
+        if mc.quantization != "none" and self._is_fsdp():
+            raise InputError(f"model.quantization={mc.quantization} cannot be sharded with FSDP here "
+                             "(bitsandbytes weights); use accelerate_configs/multi_gpu.yaml (DDP)")
         self.dtype = modeling.compute_dtype(mc, device.type)
         with self.acc.local_main_process_first():
             model_dir = resolve_model_dir(self.store, mc)
@@ -422,6 +533,10 @@ class Trainer:
         torch.manual_seed(tc.seed)
         base = modeling.load_base_model(model_dir, mc, self.dtype, self.acc.local_process_index,
                                         tc.gradient_checkpointing)
+        fast = fast_path_enabled(device.type)
+        if (fast and self.layout.mode == "packed" and not self._is_fsdp()
+                and mc.attn_implementation in (None, "sdpa")):
+            modeling.use_varlen_attention(base)
         self.attn_impl = getattr(base.config, "_attn_implementation", None) or "eager"
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else base.config.eos_token_id
         self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else (pad if pad is not None else 0))
@@ -435,8 +550,12 @@ class Trainer:
                  100.0 * trainable / max(total, 1), time.monotonic() - started)
         if self.resume_from:
             self._load_adapter(model)
-        if mc.quantization == "none":
+        if mc.quantization == "none" and not self._is_fsdp():
+            # Under FSDP, prepare() shards and places the model (with cpu_ram_efficient_loading
+            # the other ranks hold meta tensors until rank 0's weights are broadcast).
             model.to(device)
+        # Only without FSDP: its flat-sharded lm_head weight cannot be used outside forward.
+        self.head = TargetHead.install(model) if fast and not self._is_fsdp() else None
         params = [p for p in model.parameters() if p.requires_grad]
         if tc.optimizer == "paged_adamw_8bit":
             import bitsandbytes as bnb
@@ -455,9 +574,16 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         if tc.compile:
             if device.type == "cuda":
-                self.model = torch.compile(self.model)
+                if not modeling.compile_decoder_layers(self.model):
+                    self.model = torch.compile(self.model)
             else:
                 log.info("train.compile is ignored without CUDA")
+
+    def _collate(self, split: TokenizedSplit, mb: MicroBatch) -> dict[str, Any]:
+        from medreason.modeling import VARLEN_ATTENTION
+
+        batch = collate(split, mb, self.layout, self.pad_id)
+        return add_fast_fields(batch, self.attn_impl == VARLEN_ATTENTION, self.head is not None)
 
     def _is_fsdp(self) -> bool:
         from accelerate.utils import DistributedType
@@ -639,8 +765,8 @@ class Trainer:
         module.eval()
         with torch.no_grad():
             for mb in mine:
-                batch = _to_device(collate(self.eval_split, mb, self.layout, self.pad_id), device)
-                loss = forward_loss(module, batch, self.layout.mode, self.attn_impl, self.dtype)
+                batch = _to_device(self._collate(self.eval_split, mb), device)
+                loss = forward_loss(module, batch, self.layout.mode, self.attn_impl, self.dtype, self.head)
                 totals[0] += loss.double()
                 totals[1] += batch["n_targets"]
         if was_training:
@@ -709,6 +835,12 @@ class Trainer:
         pbar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", desc="train",
                     disable=None if self.is_main else True, dynamic_ncols=True)
         try:
+            if self.state.step == 0 and not self.resume_from and self.eval_plan:
+                # The base model's held-out loss: the reference the trained steps are read against
+                # (a metrics line with step 0 and only eval_loss; not a candidate for "best").
+                row0 = self._empty_row()
+                row0["eval_loss"] = self.evaluate()
+                self._log_row(row0, pbar)
             while self.state.step < self.total_steps:
                 if self._stop_requested(stop):
                     self._preempt(stop)
@@ -727,11 +859,12 @@ class Trainer:
                     # micro-batch gets the same mask whichever rank or accumulation slot runs it,
                     # and a resumed run needs no RNG history.
                     torch.manual_seed(_step_seed(tc.seed, step, a * W + self.rank))
-                    batch = _to_device(collate(self.train_split, mb, self.layout, self.pad_id), device)
+                    batch = _to_device(self._collate(self.train_split, mb), device)
                     # Gradients are all-reduced only on the last micro-batch of the step.
                     sync = contextlib.nullcontext() if a == A - 1 else self.acc.no_sync(model)
                     with sync:
-                        loss_sum = forward_loss(model, batch, self.layout.mode, self.attn_impl, self.dtype)
+                        loss_sum = forward_loss(model, batch, self.layout.mode, self.attn_impl, self.dtype,
+                                                self.head)
                         self.acc.backward(loss_sum * scale)
                     loss_acc += loss_sum.detach()
                 log_now = (step + 1) % tc.log_every_steps == 0 or step + 1 == self.total_steps
