@@ -79,7 +79,8 @@ def generated_text(n_words: int, seed: int) -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str, seed: int, n_words: int) -> int:
+def build_tokenizer(out_dir: str, seed: int, n_words: int) -> tuple[int, int]:
+    """Train and save the tokenizer; returns (EOS id, tokenizer length)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -92,7 +93,7 @@ def build_tokenizer(out_dir: str, seed: int, n_words: int) -> int:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                    pad_token=EOS, model_max_length=2048)
     fast.save_pretrained(out_dir)
-    return fast.convert_tokens_to_ids(EOS)
+    return fast.convert_tokens_to_ids(EOS), len(fast)
 
 
 def build_model(out_dir: str, eos_id: int, layers: int, seed: int) -> int:
@@ -115,6 +116,7 @@ def build_model(out_dir: str, eos_id: int, layers: int, seed: int) -> int:
 
 
 def synthetic_split(n: int, vocab: int, eos_id: int, seed: int) -> tuple[object, dict]:
+    """``n`` records of token ids in [0, vocab) other than EOS, each ending with EOS."""
     from medreason.tokens import TokenizedSplit
 
     rng = np.random.default_rng(seed)
@@ -122,7 +124,8 @@ def synthetic_split(n: int, vocab: int, eos_id: int, seed: int) -> tuple[object,
     lengths = lengths.astype(np.int64)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    ids = rng.integers(0, eos_id, size=int(offsets[-1]), dtype=np.int32)
+    ids = rng.integers(0, vocab - 1, size=int(offsets[-1]), dtype=np.int32)
+    ids[ids >= eos_id] += 1  # every id but EOS, uniformly
     ids[offsets[1:] - 1] = eos_id
     prompt_lens = np.maximum(1, (lengths * rng.uniform(0.2, 0.4, size=n)).astype(np.int32))
     split = TokenizedSplit(input_ids=ids, offsets=offsets, prompt_lens=prompt_lens,
@@ -157,15 +160,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if store.is_committed(model_rel):
         log.info("model already staged at %s", store.display(model_rel))
-        with store.staged_folder() as tmp:
-            tok_dir = store.materialize(model_rel, hashes=False)
-            from transformers import AutoTokenizer
+        from transformers import AutoTokenizer
 
-            eos_id = AutoTokenizer.from_pretrained(tok_dir).eos_token_id
+        tokenizer = AutoTokenizer.from_pretrained(store.materialize(model_rel, hashes=False))
+        eos_id, tok_len = tokenizer.eos_token_id, len(tokenizer)
     else:
         started = time.monotonic()
         with store.staged_folder() as tmp:
-            eos_id = build_tokenizer(tmp, args.seed, args.tokenizer_words)
+            eos_id, tok_len = build_tokenizer(tmp, args.seed, args.tokenizer_words)
             log.info("tokenizer trained (%.0f s); building the random model", time.monotonic() - started)
             n_params = build_model(tmp, eos_id, args.layers, args.seed)
             identity = {"name_or_path": cfg.model.name_or_path, "revision": "main", "dtype": "bfloat16",
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     with store.staged_folder() as tmp:
         stats = {}
         for name, n, seed in (("train", args.n_train, args.seed + 1), ("eval", args.n_eval, args.seed + 2)):
-            split, stats[name] = synthetic_split(n, PHI2["vocab_size"], eos_id, seed)
+            # ids below the tokenizer's length, like real text (the embedding has 51,200 rows)
+            split, stats[name] = synthetic_split(n, tok_len, eos_id, seed)
             save_split(split, os.path.join(tmp, f"{name}.tokens.safetensors"))
         with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as fh:
             json.dump(stats, fh, indent=2)
