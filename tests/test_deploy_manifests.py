@@ -100,11 +100,14 @@ def _free_port() -> int:
 
 
 PROBE = """
+import sys
 import torch.distributed as dist
 from accelerate import Accelerator
 acc = Accelerator()
-print("probe", acc.process_index, acc.num_processes, acc.distributed_type.value,
-      dist.get_backend(), flush=True)
+# Each rank writes its own file: the two ranks share one stdout, where lines can interleave.
+with open(sys.argv[1] + f".{acc.process_index}", "w") as fh:
+    fh.write(f"probe {acc.process_index} {acc.num_processes} {acc.distributed_type.value} "
+             f"{dist.get_backend()}")
 """
 
 
@@ -115,11 +118,12 @@ def test_cpu_config_starts_two_gloo_ranks(tmp_path: Path) -> None:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ACCEL_DIR / "cpu.yaml"), "--main_process_port", str(_free_port()), str(probe)],
+         str(ACCEL_DIR / "cpu.yaml"), "--main_process_port", str(_free_port()), str(probe),
+         str(tmp_path / "out")],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("probe"))
+    lines = sorted(p.read_text() for p in tmp_path.glob("out.*"))
     assert lines == ["probe 0 2 MULTI_CPU gloo", "probe 1 2 MULTI_CPU gloo"], proc.stdout
 
 
