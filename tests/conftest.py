@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _fixtures_prepare import demo_store  # noqa: F401, E402  (one staged SmolLM2 per session, shared by test modules)
 from slurm_cluster import slurm_cluster  # noqa: F401  (re-exported fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _fixtures_prepare import copy_model_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO_ROOT / "slurm"
@@ -219,8 +220,10 @@ needs_jobs = pytest.mark.skipif(not _have_jobs(), reason="medreason.training not
 # Small enough for 2 CPU cores: a few steps, a checkpoint every 2, a short evaluation.
 E2E_STEPS = 6
 E2E_SETS = ("--set", f"train.max_steps={E2E_STEPS}", "--set", "train.save_every_steps=2",
-            "--set", f"train.eval_every_steps={E2E_STEPS}", "--set", "eval.heldout_limit=4",
-            "--set", "eval.max_new_tokens=32", "--set", "eval.compare_base=false")
+            "--set", f"train.eval_every_steps={E2E_STEPS}", "--set", "train.micro_batch_size=1",
+            "--set", "train.eval_max_batches=1", "--set", "eval.heldout_limit=2",
+            "--set", "eval.max_new_tokens=16", "--set", "eval.compare_base=false",
+            "--set", "merge.parity_prompts=1")
 
 
 def _e2e_env(tmp_path: Path) -> dict[str, str]:
@@ -245,8 +248,9 @@ def _steps_in(obj: Any) -> list[int]:
 
 @needs_jobs
 @pytest.mark.slow
-def test_e2e_pipeline_demo_commits_all_stages(slurm_cluster: Any, tmp_path: Path) -> None:
+def test_e2e_pipeline_demo_commits_all_stages(slurm_cluster: Any, tmp_path: Path, demo_store: Any) -> None:
     store = tmp_path / "store"
+    copy_model_cache(demo_store, store)  # the SmolLM2 staging (~40 s) is tested elsewhere
     env = {**_e2e_env(tmp_path), "MEDREASON_GPUS": "0",
            "MEDREASON_CPUS_PER_TASK": str(slurm_cluster.cpus)}
     proc = slurm_cluster.run("bash", str(SLURM_DIR / "pipeline.sh"), "--preset", "demo",
@@ -262,8 +266,9 @@ def test_e2e_pipeline_demo_commits_all_stages(slurm_cluster: Any, tmp_path: Path
 
 @needs_jobs
 @pytest.mark.slow
-def test_e2e_train_preempted_requeued_resumes(slurm_cluster: Any, tmp_path: Path) -> None:
+def test_e2e_train_preempted_requeued_resumes(slurm_cluster: Any, tmp_path: Path, demo_store: Any) -> None:
     store = tmp_path / "store"
+    copy_model_cache(demo_store, store)
     # The package's test hook: a pause after every step, so a fast machine cannot finish the
     # remaining steps before the signal lands.
     env = {**_e2e_env(tmp_path), "MEDREASON_TEST_STEP_DELAY_S": "2"}
