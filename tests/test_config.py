@@ -62,7 +62,8 @@ def test_phi2_seed_is_the_original_recipe():
     assert cfg.train.learning_rate == 2.5e-5
     assert cfg.train.max_steps == 500
     assert cfg.train.eval_every_steps == 25
-    assert cfg.train.gradient_checkpointing is True
+    # Off since the throughput benchmark: 2 rows of 400 tokens fit 16 GB without it, 2.2x faster.
+    assert cfg.train.gradient_checkpointing is False
     assert cfg.train.padding == "max_length"
     assert cfg.data.limit == 200
     assert cfg.data.eval_fraction == 0.1
