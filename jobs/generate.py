@@ -117,6 +117,10 @@ def generate(preset, config_file, overrides, store, run_id, force, verbose, ques
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+            if cfg.model.quantization == "none" or device.type != "cuda":
+                # Fold the adapter in: decoding then runs plain Linear layers (same arithmetic
+                # as the merge stage); quantized bases keep it unmerged (merging re-quantizes).
+                model = model.merge_and_unload()
     log.info("answering %d question(s) with the %s model of run %r", len(records), which, run)
 
     template = cfg.data.template

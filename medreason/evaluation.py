@@ -164,7 +164,9 @@ def generate_texts(
     batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
     static = use_static_cache(model, device)
     extra: dict[str, Any] = {"cache_implementation": "static"} if static else {}
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=None):
+    started = time.monotonic()
+    for k, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=None), start=1):
+        n_questions = len(batch)
         if static and len(batch) < batch_size:
             # A static cache (and its compiled decode step) is built for one batch size; the
             # last, smaller batch is filled up with copies of its first prompt (outputs dropped)
@@ -194,6 +196,10 @@ def generate_texts(
             )
         for row, i in enumerate(batch):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+        # A line per batch: without a terminal the progress bar is off, and a CPU batch of 16
+        # questions x 384 new tokens takes minutes.
+        log.info("%s: batch %d/%d (%d questions, %d new tokens) done, %.0f s so far", desc, k, len(batches),
+                 n_questions, int(generated.shape[1] - width), time.monotonic() - started)
     return out
 
 
@@ -571,6 +577,11 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
     split = None
     if ecfg.heldout and os.path.exists(os.path.join(prep_dir, "eval.tokens.safetensors")):
         split = load_split(os.path.join(prep_dir, "eval.tokens.safetensors"))
+    loss_indices: list[int] = []
+    if split is not None:
+        # With eval.heldout_limit the loss covers the same records as the accuracy does.
+        scored = {r["uid"] for r in sets.get(HELDOUT, [])} if ecfg.heldout_limit else None
+        loss_indices = [i for i, uid in enumerate(split.uids) if scored is None or uid in scored]
     for mut in models:
         prompts_by_set = {
             name: [build_prompt(rec, template, mut.tokenizer) for rec in records] for name, records in sets.items()
@@ -587,8 +598,8 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
                     score(sets[n][i], t, mut.label, n, prompts_by_set[n][i]) for (n, i), t in zip(mine, texts, strict=True)
                 ]
             gathered = dist.gather(local)
-            if split is not None and len(split):
-                with dist.shard(list(range(len(split)))) as mine_idx:
+            if split is not None and loss_indices:
+                with dist.shard(loss_indices) as mine_idx:
                     part = heldout_loss(mut.model, split, max(1, min(ecfg.batch_size, 4)), list(mine_idx))
                 losses[mut.label] = finish_loss(dist.gather([part]))
         order = {(n, sets[n][i]["uid"]): k for k, (n, i) in enumerate(items)}

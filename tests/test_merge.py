@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from _fixtures_eval import LLAMA_TARGETS, build_run, set_args
+from _fixtures_prepare import copy_model_cache
 
 from medreason.merging import ParityError, check_parity, compare_logits
 
@@ -113,10 +114,11 @@ def test_parity_failure_exits_1(tmp_path: Path, tiny_phi_dir: Path, cli_inproc) 
 
 
 @pytest.mark.slow
-def test_merge_smollm2_parity(tmp_path: Path, smollm2_gguf: Path, cli_inproc) -> None:
+def test_merge_smollm2_parity(tmp_path: Path, demo_store, cli_inproc) -> None:
     from transformers import AutoModelForCausalLM
 
     store_dir = tmp_path / "store"
+    copy_model_cache(demo_store, store_dir)  # the session's staged SmolLM2
     _, _, overrides = build_run(store_dir, "smollm2-135m-instruct", n=3, targets=LLAMA_TARGETS)
     code, _, err = cli_inproc("merge", "--store", str(store_dir), "--run", "r1", *set_args(overrides))
     assert code == 0, err

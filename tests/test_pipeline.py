@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from _fixtures_eval import build_run, set_args
+from _fixtures_prepare import copy_model_cache
 
 # Cut the demo to fit a test: 6 optimizer steps, 32 new tokens, 6 held-out questions.
 DEMO_FAST = [
@@ -17,8 +18,10 @@ DEMO_FAST = [
 
 
 @pytest.mark.slow
-def test_demo_pipeline_end_to_end_and_rerun(tmp_path: Path, smollm2_gguf: Path, cli) -> None:
+def test_demo_pipeline_end_to_end_and_rerun(tmp_path: Path, demo_store, cli) -> None:
     store = tmp_path / "store"
+    # The session's SmolLM2 conversion (~40-80 s) is reused; prepare finds it staged.
+    copy_model_cache(demo_store, store)
     args = ["pipeline", "--preset", "demo", "--run", "demo", "--store", str(store),
             *[a for o in DEMO_FAST for a in ("--set", o)]]
     started = time.monotonic()
