@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from _fixtures_prepare import copy_model_cache
+from slurm_cluster import FINISHED_STATES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO_ROOT / "slurm"
@@ -76,6 +77,33 @@ def _hurry_requeued(cluster: Any, job_id: str, timeout_s: float = 60.0) -> dict[
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} was not requeued within {timeout_s} s: "
                          f"{cluster.job_info(job_id)}")
+
+
+def _wait_requeued_job_done(cluster: Any, job_id: str, timeout_s: float) -> dict[str, str]:
+    """Wait for a requeued job's final state.
+
+    Between the first run's exit 75 and the requeue taking effect, squeue can briefly report
+    the first run's end state (FAILED) while the job is already set to run again; and a job
+    that goes back to PENDING is held for cred_expire seconds. So: lift every hold, and only
+    trust a failed state that lasts.
+    """
+    deadline = time.monotonic() + timeout_s
+    failed_since: float | None = None
+    while True:
+        info = cluster.job_info(job_id)
+        state = info.get("JobState")
+        if state == "COMPLETED":
+            return info
+        if state == "PENDING":
+            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        if state in FINISHED_STATES:
+            failed_since = failed_since or time.monotonic()
+            if time.monotonic() - failed_since > 30:
+                return info
+        else:
+            failed_since = None
+        assert time.monotonic() < deadline, f"job {job_id} did not finish in {timeout_s} s: {info}"
+        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -289,7 +317,7 @@ def test_e2e_train_preempted_requeued_resumes(slurm_cluster: Any, tmp_path: Path
         time.sleep(1)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     _hurry_requeued(slurm_cluster, job, timeout_s=300)
-    info = slurm_cluster.wait_for(job, timeout_s=900)
+    info = _wait_requeued_job_done(slurm_cluster, job, timeout_s=900)
     log = out.read_text()
     assert info["JobState"] == "COMPLETED", (info, log[-4000:])
     assert int(info["Restarts"]) >= 1
