@@ -175,6 +175,20 @@ def _list_local_files(local_dir: str) -> list[str]:
     return sorted(r for r in rels if r != MANIFEST)
 
 
+def _fs_options(protocol: str) -> dict[str, Any]:
+    """fsspec options: S3 endpoint from AWS_ENDPOINT_URL(_S3) (MinIO, Ceph), no cached listings."""
+    options: dict[str, Any] = {}
+    if protocol == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        # Several processes (ranks, resumed jobs) look at the same keys: never trust a
+        # cached listing when deciding whether something is committed.
+        options["use_listings_cache"] = False
+        options["skip_instance_cache"] = True
+    return options
+
+
 # -- the store -----------------------------------------------------------------------------------
 class ArtifactStore:
     """A root folder on any fsspec filesystem (local path, file://, s3://)."""
@@ -188,15 +202,7 @@ class ArtifactStore:
             protocol, rest = "file", os.path.abspath(self.uri)
         self.protocol = protocol
         self.is_local = protocol in ("file", "local")
-        options: dict[str, Any] = {}
-        if protocol == "s3":
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            if endpoint:
-                options["client_kwargs"] = {"endpoint_url": endpoint}
-            # Several processes (ranks, resumed jobs) look at the same keys: never trust a
-            # cached listing when deciding whether something is committed.
-            options["use_listings_cache"] = False
-            options["skip_instance_cache"] = True
+        options = _fs_options(protocol)
         try:
             self.fs = fsspec.filesystem(protocol, **options)
         except (ImportError, ValueError) as exc:
@@ -456,14 +462,7 @@ def read_uri_bytes(uri: str) -> bytes:
     if "://" not in uri or uri.startswith("file://"):
         with open(uri[len("file://"):] if uri.startswith("file://") else uri, "rb") as fh:
             return fh.read()
-    protocol = uri.split("://", 1)[0]
-    options: dict[str, Any] = {}
-    if protocol == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["client_kwargs"] = {"endpoint_url": endpoint}
-        options["skip_instance_cache"] = True
-    with fsspec.open(uri, "rb", **options) as fh:
+    with fsspec.open(uri, "rb", **_fs_options(uri.split("://", 1)[0])) as fh:
         return fh.read()
 
 
