@@ -13,7 +13,7 @@ log = logging.getLogger("medreason.generate")
 
 
 def _read_questions(question: str | None, options: str | None, input_file: str | None) -> list[dict]:
-    from medreason.benchmarks import coerce_options, options_string
+    from medreason.benchmarks import coerce_options, jsonl_objects, options_string
     from medreason.errors import InputError
 
     if bool(question) == bool(input_file):
@@ -24,14 +24,8 @@ def _read_questions(question: str | None, options: str | None, input_file: str |
     else:
         try:
             with open(input_file, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise InputError(f"--input {input_file} line {lineno}: not valid JSON ({exc.msg})") from None
-                    if not isinstance(row, dict) or not str(row.get("question") or "").strip():
+                for lineno, row in jsonl_objects(fh, f"--input {input_file}"):
+                    if not str(row.get("question") or "").strip():
                         raise InputError(f"--input {input_file} line {lineno}: needs a \"question\" field")
                     rows.append((str(row["question"]), row.get("options")))
         except FileNotFoundError:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from medreason.errors import InputError
@@ -37,6 +38,21 @@ _OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.):]\s*(.*\S)\s*$")
 
 
 # -- reading files -------------------------------------------------------------------------------
+
+def jsonl_objects(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines text; a bad line is an
+    InputError naming ``where`` and the line."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where} line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where} line {lineno}: expected a JSON object per line")
+        yield lineno, row
+
 def fetch_local(path: str) -> str:
     """A local file path for ``path`` (downloaded from the hub or a store when remote)."""
     if path.startswith("hub:"):
@@ -91,18 +107,7 @@ def read_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
         raw = fh.read()
     text = raw.decode("utf-8-sig")
     if name.endswith(".jsonl") or name.endswith(".ndjson"):
-        rows = []
-        for lineno, line in enumerate(io.StringIO(text), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path} line {lineno}: expected a JSON object per line")
-            rows.append((str(lineno - 1), row))
-        return rows
+        return [(str(lineno - 1), row) for lineno, row in jsonl_objects(io.StringIO(text), path)]
     if name.endswith(".json"):
         try:
             data = json.loads(text)

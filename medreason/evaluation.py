@@ -24,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from medreason.benchmarks import jsonl_objects
 from medreason.errors import InputError
 from medreason.extraction import extract_answer
 
@@ -108,13 +109,7 @@ def score(record: dict[str, Any], generated: str, model: str, set_name: str, pro
 def heldout_records(lines: list[str], where: str, limit: int | None = None) -> list[dict[str, Any]]:
     """Scorable records of prepare's eval.jsonl (those with options and a gold letter)."""
     records, skipped = [], 0
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where} line {lineno}: not valid JSON ({exc.msg})") from None
+    for lineno, rec in jsonl_objects(lines, where):
         options = rec.get("options_map") or {}
         gold = rec.get("answer_letter") or ""
         if not options or not gold:
