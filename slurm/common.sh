@@ -191,3 +191,25 @@ medreason_init() {
     medreason_setup_runtime
     medreason_log "stage=$stage node=$(hostname) restarts=${SLURM_RESTART_COUNT:-0} gpus=$(medreason_gpus) runtime=${MEDREASON_CONTAINER_RUNTIME:-none}"
 }
+
+# Run a stage's job on this node and exit as medreason_finish decides: `accelerate launch` over
+# the node's GPUs when there are several, else `medreason <stage>` in this process.
+medreason_launch_stage() { # usage: medreason_launch_stage STAGE [job args...]
+    local stage="$1" gpus config rc=0
+    shift
+    local -a cmd
+    gpus=$(medreason_gpus)
+    if ((gpus > 1)); then
+        config="${MEDREASON_ACCELERATE_CONFIG:-$MEDREASON_ACCELERATE_CONFIG_DIR/multi_gpu.yaml}"
+        medreason_program accelerate launch
+        # The launcher relays SIGTERM to its workers but dies on SIGUSR1: translate.
+        MEDREASON_FORWARD_AS=TERM
+        cmd=("${MEDREASON_PROGRAM[@]}" --config_file "$config" --num_machines 1
+            --num_processes "$gpus" -m "jobs.$stage" "$@")
+    else
+        medreason_program medreason "$stage"
+        cmd=("${MEDREASON_PROGRAM[@]}" "$@")
+    fi
+    medreason_run "${MEDREASON_PREFIX[@]}" "${cmd[@]}" || rc=$?
+    medreason_finish "$rc" || exit $?
+}

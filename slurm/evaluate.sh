@@ -27,18 +27,4 @@ MEDREASON_HOME="${MEDREASON_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"
 source "$MEDREASON_HOME/slurm/common.sh"
 
 medreason_init evaluate
-gpus=$(medreason_gpus)
-if ((gpus > 1)); then
-    config="${MEDREASON_ACCELERATE_CONFIG:-$MEDREASON_ACCELERATE_CONFIG_DIR/multi_gpu.yaml}"
-    medreason_program accelerate launch
-    # The launcher relays SIGTERM to its workers but dies on SIGUSR1: translate.
-    MEDREASON_FORWARD_AS=TERM
-    cmd=("${MEDREASON_PROGRAM[@]}" --config_file "$config" --num_machines 1
-        --num_processes "$gpus" -m jobs.evaluate "$@")
-else
-    medreason_program medreason evaluate
-    cmd=("${MEDREASON_PROGRAM[@]}" "$@")
-fi
-rc=0
-medreason_run "${MEDREASON_PREFIX[@]}" "${cmd[@]}" || rc=$?
-medreason_finish "$rc" || exit $?
+medreason_launch_stage evaluate "$@"
