@@ -135,7 +135,17 @@ class EvalConfig(_Section):
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
     compare_base: bool = Field(True, description="Also score the base model, side by side.")
     max_new_tokens: int = Field(512, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="Most prompts per generation batch.")
+    max_batch_tokens: int | None = Field(
+        None, ge=1,
+        description="Cap on rows x KV-cache positions per batch (None: batch_size rows always); "
+        "batches of short prompts then hold more rows than long ones.",
+    )
+    cache_bucket_tokens: int = Field(
+        256, ge=0,
+        description="Static KV cache (CUDA) sized per batch, rounded up to a multiple of this; "
+        "0: one cache as long as the longest prompt + max_new_tokens for every batch.",
+    )
     checkpoint: str = Field("final", description="'final', 'best', 'merged', 'none' or 'step-<N>'.")
 
 

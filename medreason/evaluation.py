@@ -135,6 +135,39 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def round_up(n: int, multiple: int) -> int:
+    return n if multiple <= 0 else -(-n // multiple) * multiple
+
+
+def plan_generation_batches(
+    lengths: list[int], max_new_tokens: int, batch_size: int,
+    max_batch_tokens: int | None = None, cache_bucket_tokens: int = 0,
+) -> list[tuple[list[int], int]]:
+    """Length-sorted batches, each with the KV-cache length it needs: ``[(indices, cache_len)]``.
+
+    A batch's cache must hold its longest prompt plus ``max_new_tokens``; that is rounded up to
+    a multiple of ``cache_bucket_tokens`` (0: every batch gets the length of the longest one, a
+    single shape) so a handful of cache shapes cover a whole file. Every decode step reads each
+    row's whole cache, so sizing it per batch is what keeps short prompts from paying for the
+    longest one: on MedQA (prompt p50 444 tokens, max 2,040, 512 new) one shared cache is 2,552
+    positions, the median batch needs ~1,024. ``max_batch_tokens`` caps rows x cache length (the
+    cache's memory: 320 KiB per position for Phi-2 in bf16), so batches of short prompts hold
+    more rows and the longest ones fewer, never more than ``batch_size``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if not order:
+        return []
+    longest = round_up(lengths[order[0]] + max_new_tokens, cache_bucket_tokens)
+    plan: list[tuple[list[int], int]] = []
+    k = 0
+    while k < len(order):
+        cache_len = round_up(lengths[order[k]] + max_new_tokens, cache_bucket_tokens) if cache_bucket_tokens else longest
+        rows = batch_size if not max_batch_tokens else max(1, min(batch_size, max_batch_tokens // cache_len))
+        plan.append((order[k : k + rows], cache_len))
+        k += rows
+    return plan
+
+
 def generate_texts(
     model: Any,
     tokenizer: Any,
@@ -142,12 +175,15 @@ def generate_texts(
     max_new_tokens: int,
     batch_size: int,
     desc: str = "generate",
+    max_batch_tokens: int | None = None,
+    cache_bucket_tokens: int = 0,
 ) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding and the KV cache.
 
     Left padding keeps every prompt's last token at the same position, so one ``generate``
     call continues all rows; sorting by length keeps padding small (a batch of 8 prompts of
-    300..320 tokens pads at most 20 tokens each instead of up to hundreds).
+    300..320 tokens pads at most 20 tokens each instead of up to hundreds). With a static cache
+    (CUDA) each batch gets the cache length ``plan_generation_batches`` gives it.
     """
     import torch
     from tqdm.auto import tqdm
@@ -156,17 +192,37 @@ def generate_texts(
     eos_ids = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompt_ids)
-    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
     static = use_static_cache(model, device)
-    extra: dict[str, Any] = {"cache_implementation": "static"} if static else {}
+    plan = plan_generation_batches(
+        [len(p) for p in prompt_ids], max_new_tokens, batch_size,
+        max_batch_tokens=max_batch_tokens, cache_bucket_tokens=cache_bucket_tokens if static else 0,
+    )
+    extra: dict[str, Any] = {}
+    if static:
+        extra["cache_implementation"] = "static"
+        # Without a token cap every batch is padded to batch_size rows (below).
+        shapes = {(len(b) if max_batch_tokens else batch_size, n) for b, n in plan}
+        if len(shapes) > 1:
+            # Several cache shapes: compile the decode step once for symbolic shapes (each new
+            # shape then only records a CUDA graph) instead of once per shape, ~40 s each for
+            # Phi-2 on an H100.
+            from transformers.generation import CompileConfig
+
+            extra["compile_config"] = CompileConfig(dynamic=True)
     started = time.monotonic()
-    for k, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=None), start=1):
+    for k, (batch, cache_len) in enumerate(tqdm(plan, desc=desc, unit="batch", disable=None), start=1):
         n_questions = len(batch)
-        if static and len(batch) < batch_size:
-            # A static cache (and its compiled decode step) is built for one batch size; the
-            # last, smaller batch is filled up with copies of its first prompt (outputs dropped)
-            # rather than paying a second compilation.
-            batch = batch + [batch[0]] * (batch_size - len(batch))
+        if static:
+            # transformers sizes a new static cache as max(this call's need, the previous
+            # call's size) so that shapes, and the compiled decode step, stay the same; set the
+            # size this batch was planned for instead (prompts come longest first, so it never
+            # shrinks below the need). Each distinct (rows, length) compiles once; after the
+            # second shape torch.compile goes dynamic and later shapes only record a CUDA graph.
+            model._previous_max_cache_length = cache_len
+            if len(batch) < batch_size and not max_batch_tokens:
+                # Fill the last, smaller batch with copies of its first prompt (outputs
+                # dropped): one more row count would cost one more compilation.
+                batch = batch + [batch[0]] * (batch_size - len(batch))
         width = max(len(prompt_ids[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -189,12 +245,13 @@ def generate_texts(
                 top_k=None,
                 **extra,
             )
-        for row, i in enumerate(batch):
+        for row, i in enumerate(batch[:n_questions]):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
         # A line per batch: without a terminal the progress bar is off, and a CPU batch of 16
         # questions x 384 new tokens takes minutes.
-        log.info("%s: batch %d/%d (%d questions, %d new tokens) done, %.0f s so far", desc, k, len(batches),
-                 n_questions, int(generated.shape[1] - width), time.monotonic() - started)
+        log.info("%s: batch %d/%d (%d questions, %d new tokens%s) done, %.0f s so far", desc, k, len(plan),
+                 n_questions, int(generated.shape[1] - width),
+                 f", cache {cache_len}" if static else "", time.monotonic() - started)
     return out
 
 
@@ -208,18 +265,18 @@ def use_static_cache(model: Any, device: Any) -> bool:
     (~20-30 ms, whatever the batch), and the default dynamic cache re-copies the whole cache
     every step (torch.cat: ~2 x 37 GB per step for 128 prompts of ~900 tokens). A static
     cache is written in place and lets transformers compile the decode step into CUDA graphs.
-    Prompts are processed longest first, so the first batch sizes the cache and the compiled
-    graph is reused by every later batch. Off on CPU, for quantized (bitsandbytes) models and
-    when MEDREASON_STATIC_CACHE=0.
+    On by default on CUDA; off for quantized (bitsandbytes) models. MEDREASON_STATIC_CACHE=0
+    turns it off, =1 turns it on elsewhere too (on CPU transformers does not compile the
+    step: that is only useful to test the cache sizing).
     """
     value = os.environ.get(STATIC_CACHE_ENV, "").strip().lower()
     if value in ("0", "false", "no", "off"):
         return False
-    if getattr(device, "type", "cpu") != "cuda":
-        return False
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
         return False
-    return True
+    if value in ("1", "true", "yes", "on"):
+        return True
+    return getattr(device, "type", "cpu") == "cuda"
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -587,7 +644,8 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
                 ids = [encode_prompt(mut.tokenizer, prompts_by_set[n][i], template) for n, i in mine]
                 texts = generate_texts(
                     mut.model, mut.tokenizer, ids, ecfg.max_new_tokens, ecfg.batch_size,
-                    desc=f"generate ({mut.label})",
+                    desc=f"generate ({mut.label})", max_batch_tokens=ecfg.max_batch_tokens,
+                    cache_bucket_tokens=ecfg.cache_bucket_tokens,
                 )
                 local = [
                     score(sets[n][i], t, mut.label, n, prompts_by_set[n][i]) for (n, i), t in zip(mine, texts, strict=True)

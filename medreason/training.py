@@ -60,6 +60,7 @@ from medreason.packing import (
     step_micro_batches,
     steps_in_epoch,
 )
+from medreason.profiling import PROFILE_ENV, StepProfiler
 from medreason.store import ArtifactStore, build_manifest, manifest_hash, model_cache_name
 from medreason.tokens import IGNORE_INDEX, TokenizedSplit, load_split
 
@@ -832,6 +833,7 @@ class Trainer:
         plan: list[MicroBatch] = []
         plan_epoch = -1
         delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
+        profiler = StepProfiler(os.environ.get(PROFILE_ENV), self.is_main)
         pbar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", desc="train",
                     disable=None if self.is_main else True, dynamic_ncols=True)
         try:
@@ -852,6 +854,7 @@ class Trainer:
                 step_mbs = plan[index * A * W:(index + 1) * A * W]
                 n_targets, n_real = step_counts(self.train_split, step_mbs, self.layout)
                 mine = step_micro_batches(plan, index, A, W, self.rank)
+                profiler.before(step)
                 t0 = time.perf_counter()
                 scale = W / max(n_targets, 1)
                 for a, mb in enumerate(mine):
@@ -879,6 +882,7 @@ class Trainer:
                 self.state.step = step + 1
                 self.state.epoch, self.state.index_in_epoch = divmod(self.state.step, self.steps_per_epoch)
                 self.state.tokens_seen += n_real
+                profiler.after(self.state.step)
                 win_targets += n_targets
                 win_real += n_real
                 row: dict[str, Any] | None = None
@@ -928,6 +932,7 @@ class Trainer:
                 # is committed, so finishing the (short) final commit is the fastest way out.
                 log.info("stop requested after the last step; committing the final adapter first")
         finally:
+            profiler.close()
             pbar.close()
         manifest = self.commit_final(time.monotonic() - started)
         if self.writer is not None:

@@ -37,6 +37,9 @@ import pytest
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "sinfo", "scancel")
 START_TIMEOUT_S = 60.0
+# How long slurmd refuses a job id's new credentials after the job's old ones were revoked (a
+# requeue revokes them). slurmctld holds a requeued job back that long; the default is 120 s.
+CRED_EXPIRE_S = 10
 FINISHED_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
     "PREEMPTED", "BOOT_FAIL", "DEADLINE",
@@ -183,7 +186,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket},cred_expire=10
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/run/slurmctld.pid

@@ -14,6 +14,7 @@ from medreason.evaluation import (
     generate_texts,
     heldout_loss,
     length_sorted_batches,
+    plan_generation_batches,
     summarize,
     wilson_interval,
 )
@@ -130,6 +131,56 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny) -> None:
     single = [generate_texts(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in ids]
     assert batched == single
     assert all(isinstance(t, str) for t in batched)
+
+
+def test_plan_generation_batches_sizes_each_cache_to_its_batch() -> None:
+    lengths = [900, 100, 480, 130, 2040, 470, 120, 110]
+    plan = plan_generation_batches(lengths, max_new_tokens=512, batch_size=4, cache_bucket_tokens=256)
+    assert plan == [([4, 0, 2, 5], 2560), ([3, 6, 7, 1], 768)]
+    # 0: one cache length (the longest batch's need) for every batch.
+    one = plan_generation_batches(lengths, max_new_tokens=512, batch_size=4, cache_bucket_tokens=0)
+    assert [n for _, n in one] == [2552, 2552]
+    # A token cap: long batches get fewer rows, short ones more, never over batch_size.
+    capped = plan_generation_batches(lengths, 512, batch_size=8, max_batch_tokens=4 * 768, cache_bucket_tokens=256)
+    assert capped == [([4], 2560), ([0, 2], 1536), ([5, 3, 6], 1024), ([7, 1], 768)]
+    for plan_ in (plan, one, capped):
+        assert sorted(i for batch, _ in plan_ for i in batch) == list(range(len(lengths)))
+        assert all(n >= lengths[i] + 512 for batch, n in plan_ for i in batch)
+    assert all(len(b) == 1 or len(b) * n <= 4 * 768 for b, n in capped)
+    assert plan_generation_batches([], 16, 4) == []
+
+
+def test_static_cache_per_batch_lengths_match_dynamic_generation(tiny, monkeypatch) -> None:
+    """The per-batch static cache (forced on, on CPU) gives the same greedy text as the dynamic
+    cache, and each generate call really gets the cache length it was planned for."""
+    model, tok = tiny
+    texts = ["A 45-year-old man presents with crushing chest pain radiating to the left arm and "
+             "sweating for an hour. " * 3, "Fever", "A child with a barking cough", "Jaundice",
+             "A pregnant woman presents with jaundice and dark urine. What is the diagnosis?"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    monkeypatch.setenv("MEDREASON_STATIC_CACHE", "0")
+    dynamic = generate_texts(model, tok, ids, max_new_tokens=5, batch_size=2)
+    monkeypatch.setenv("MEDREASON_STATIC_CACHE", "1")
+    seen: list[int] = []
+
+    def record(_module, _args, kwargs):  # noqa: ANN001, ANN202
+        for value in kwargs.values():
+            if type(value).__name__ == "StaticCache":
+                # transformers renamed the accessor between releases
+                size = getattr(value, "get_max_length", None) or value.get_max_cache_shape
+                seen.append(int(size()))
+                break
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        static = generate_texts(model, tok, ids, max_new_tokens=5, batch_size=2, cache_bucket_tokens=16)
+    finally:
+        handle.remove()
+    assert static == dynamic
+    planned = [n for _, n in plan_generation_batches([len(i) for i in ids], 5, 2, cache_bucket_tokens=16)]
+    assert len(set(planned)) > 1, planned  # the case under test: several cache lengths
+    calls = [n for i, n in enumerate(seen) if i == 0 or n != seen[i - 1]]
+    assert calls == planned
 
 
 def test_heldout_loss_matches_model_loss(tiny) -> None:

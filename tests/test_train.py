@@ -7,6 +7,7 @@ so a step takes milliseconds); one goes through the real `medreason prepare`.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -95,8 +96,10 @@ def test_tiny_phi_trains_commits_and_is_idempotent(tmp_path: Path, tiny_phi_dir:
     assert rc == 2 and "--force" in err
 
 
-def test_real_prepare_then_packed_training(tmp_path: Path, tiny_phi_dir: Path, cli_inproc) -> None:
+def test_real_prepare_then_packed_training(tmp_path: Path, tiny_phi_dir: Path, cli_inproc, monkeypatch) -> None:
     store = str(tmp_path / "store")
+    # The profiler window over steps 1..2 (0-based) of the three, as a benchmark would ask.
+    monkeypatch.setenv("MEDREASON_PROFILE", f"1:2:{tmp_path / 'prof'}")
     common = ["--store", store, "--run", "p", "--set", f"model.name_or_path={tiny_phi_dir}",
               "--set", "model.dtype=float32", "--set", "data.source=sample",
               "--set", "data.max_len_tokens=1024"]
@@ -111,6 +114,10 @@ def test_real_prepare_then_packed_training(tmp_path: Path, tiny_phi_dir: Path, c
     m = ArtifactStore(store).read_manifest("runs/p/train")["metrics"]
     # Three packed rows of <= 2048 tokens from ~900-token records: at least 2 records per row.
     assert m["steps"] == 3 and m["tokens_seen"] > 3 * 1024 and m["final_eval_loss"] is not None
+    report = (tmp_path / "prof" / "profile.txt").read_text()
+    families = dict(re.findall(r"^\| ([a-z/ ()]+) \| ([0-9.]+) \|", report, flags=re.MULTILINE))
+    assert float(families["matmul"]) > 0, report  # the projections' matrix products were recorded
+    assert "| kernel | calls | ms | share |" in report
 
 
 def test_bad_input_exits_2(tmp_path: Path, tiny_phi_dir: Path, cli_inproc) -> None:

@@ -1,0 +1,117 @@
+"""An optional torch.profiler window over a few training steps, for finding where step time goes.
+
+Off unless ``MEDREASON_PROFILE=START:STEPS:DIR`` is set (e.g. ``12:3:/tmp/prof``): steps START ..
+START+STEPS-1 (0-based, after compilation has warmed up) run under the profiler, then rank 0
+writes ``DIR/profile.txt``: GPU time per kernel family (matrix products, attention, fused
+Triton kernels, everything else) and the top kernels by GPU time. It is a diagnostic for
+benchmarks and tuning, not a metric: the profiler itself slows the window it records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROFILE_ENV = "MEDREASON_PROFILE"
+
+# Kernel-name fragments per family, first match wins. cuBLAS on Hopper names its GEMMs
+# nvjet_* (CUDA >= 12.8) or sm90_xmma_*/cutlass_*; FlashAttention kernels say flash/fmha.
+FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "splitk", "::mm", "addmm", "bmm")),
+    ("triton (fused elementwise/norm)", ("triton",)),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("copy/cast", ("copy", "cast", "memcpy", "memset", "transpose", "cat")),
+)
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    for family, needles in FAMILIES:
+        if any(n in low for n in needles):
+            return family
+    return "other"
+
+
+class StepProfiler:
+    """``before(step)`` / ``after(step)`` around each training step; a no-op when not asked."""
+
+    def __init__(self, spec: str | None, is_main: bool) -> None:
+        self.prof: Any = None
+        self.start = self.stop = -1
+        self.out_dir = ""
+        self.is_main = is_main
+        if not spec:
+            return
+        try:
+            start, steps, out_dir = spec.split(":", 2)
+            self.start, self.stop, self.out_dir = int(start), int(start) + int(steps), out_dir
+        except ValueError as exc:
+            raise ValueError(f"{PROFILE_ENV}={spec!r}: expected START:STEPS:DIR, e.g. 12:3:/tmp/prof") from exc
+
+    def before(self, step: int) -> None:
+        if step != self.start or self.prof is not None:
+            return
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=activities)
+        self.prof.__enter__()
+        log.info("profiling steps %d..%d", self.start, self.stop - 1)
+
+    def after(self, step_done: int) -> None:
+        if self.prof is None or step_done < self.stop:
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        prof, self.prof = self.prof, None
+        self.start = -1  # once per run
+        if self.is_main:
+            log.info("profile written to %s", write_profile(prof, self.out_dir))
+
+    def close(self) -> None:
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.prof = None
+
+
+def write_profile(prof: Any, out_dir: str) -> str:
+    """The family summary and the top kernels of a finished profile, as a Markdown table.
+
+    Only device-side events count on a GPU (a CPU op's "self CUDA time" is its kernels' time
+    again); without a GPU the CPU ops' self time stands in, so the same report comes out.
+    """
+    events = list(prof.key_averages())
+    on_gpu = [ev for ev in events if str(getattr(ev, "device_type", "")).endswith("CUDA")]
+    rows = []
+    for ev in on_gpu or events:
+        us = float(ev.self_device_time_total if on_gpu else ev.self_cpu_time_total)
+        if us > 0:
+            rows.append((ev.key, us, int(ev.count)))
+    total_us = sum(us for _, us, _ in rows) or 1.0
+    families: dict[str, float] = {}
+    for name, us, _ in rows:
+        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + us
+    what = "GPU kernel" if on_gpu else "CPU op (self)"
+    lines = [f"{what} time over the profiled steps: {total_us / 1e3:.1f} ms", "",
+             "| family | ms | share |", "|---|---|---|"]
+    for family, us in sorted(families.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {family} | {us / 1e3:.1f} | {us / total_us:.1%} |")
+    lines += ["", "| kernel | calls | ms | share |", "|---|---|---|---|"]
+    for name, us, count in sorted(rows, key=lambda r: -r[1])[:40]:
+        short = name if len(name) <= 110 else name[:107] + "..."
+        lines.append(f"| `{short}` | {count} | {us / 1e3:.2f} | {us / total_us:.1%} |")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "profile.txt")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
