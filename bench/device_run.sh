@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of bench/RESULTS.md in one call on a bare GPU machine, most important first,
+# each under its own time limit so that one stuck step cannot take the others with it:
+#   1. stage random weights of the exact Phi-2 shape and a synthetic prepare stage
+#   2. `medreason evaluate` on the 1,273-question MedQA file (bench/eval_medqa.yaml)
+#   3. `medreason train --preset phi2-bf16` timed, with a profile of its last steps
+#   4. evaluate's generation path vs one-prompt-at-a-time generate, same prompts
+# Needs .carry/medqa_test_4opt.jsonl and .carry/phi2-random-tok/ (a tokenizer saved by
+# bench/stage_phi2_random.py; without it the script trains one, ~40 s). Logs and results go to
+# RESULTS_DIR (first argument, default /tmp/bench-results).
+#   bash bench/device_run.sh /tmp/bench-results
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+RES="${1:-/tmp/bench-results}"
+STORE="${BENCH_STORE:-/tmp/bench-store}"
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+
+step() { # usage: step NAME TIME_LIMIT_S COMMAND...
+    local name="$1" limit="$2" t0=$SECONDS rc=0
+    shift 2
+    echo "== $name: start $(date -u +%H:%M:%S), limit $limit s"
+    timeout "$limit" "$@" >"$RES/$name.log" 2>&1 || rc=$?
+    echo "== $name: rc=$rc after $((SECONDS - t0)) s"
+    grep -v -e "Loading weights" -e "it/s]" "$RES/$name.log" | tail -n "${TAIL_LINES:-12}"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+tok=()
+[[ -d .carry/phi2-random-tok ]] && tok=(--tokenizer .carry/phi2-random-tok)
+step stage 150 python3 bench/stage_phi2_random.py --store "$STORE" --run bench --n-train 4000 --n-eval 64 \
+    "${tok[@]}" --device cuda
+step eval-medqa 270 python3 -m jobs.cli evaluate --store "$STORE" --run bench --config bench/eval_medqa.yaml --force
+cp "$STORE/runs/bench/evaluate/MANIFEST.json" "$RES/eval-medqa-manifest.json" 2>/dev/null
+step train-bf16 200 python3 bench/train_throughput.py --store "$STORE" --run bench --steps 22 --warmup 8 \
+    --profile 3 --out "$RES" --variant bf16=phi2-bf16
+TAIL_LINES=40 step profile 5 cat "$RES/profile-bf16/profile.txt"
+step eval-bench 150 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
+    --prompts 256 --naive-prompts 6 --max-new-tokens 64 --skip-dynamic --batch-size 128 \
+    --max-batch-tokens 163840 --out "$RES"
