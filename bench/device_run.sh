@@ -7,8 +7,10 @@
 #   4. evaluate's generation path vs one-prompt-at-a-time generate, same prompts
 # Needs .carry/medqa_test_4opt.jsonl and .carry/phi2-random-tok/ (a tokenizer saved by
 # bench/stage_phi2_random.py; without it the script trains one, ~40 s). Logs and results go to
-# RESULTS_DIR (first argument, default /tmp/bench-results).
+# RESULTS_DIR (first argument, default /tmp/bench-results). BENCH_STEPS picks steps (default all:
+# "stage eval-medqa train eval-bench"); stage always runs first when named.
 #   bash bench/device_run.sh /tmp/bench-results
+#   BENCH_STEPS="stage eval-medqa" bash bench/device_run.sh /tmp/bench-results
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 RES="${1:-/tmp/bench-results}"
@@ -16,9 +18,12 @@ STORE="${BENCH_STORE:-/tmp/bench-store}"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
+STEPS=" ${BENCH_STEPS:-stage eval-medqa train eval-bench} "
+
 step() { # usage: step NAME TIME_LIMIT_S COMMAND...
     local name="$1" limit="$2" t0=$SECONDS rc=0
     shift 2
+    [[ "$STEPS" == *" $name "* || "$name" == profile ]] || return 0
     echo "== $name: start $(date -u +%H:%M:%S), limit $limit s"
     timeout "$limit" "$@" >"$RES/$name.log" 2>&1 || rc=$?
     echo "== $name: rc=$rc after $((SECONDS - t0)) s"
@@ -33,9 +38,9 @@ step stage 150 python3 bench/stage_phi2_random.py --store "$STORE" --run bench -
     "${tok[@]}" --device cuda
 step eval-medqa 270 python3 -m jobs.cli evaluate --store "$STORE" --run bench --config bench/eval_medqa.yaml --force
 cp "$STORE/runs/bench/evaluate/MANIFEST.json" "$RES/eval-medqa-manifest.json" 2>/dev/null
-step train-bf16 200 python3 bench/train_throughput.py --store "$STORE" --run bench --steps 22 --warmup 8 \
+step train 200 python3 bench/train_throughput.py --store "$STORE" --run bench --steps 22 --warmup 8 \
     --profile 3 --out "$RES" --variant bf16=phi2-bf16
-TAIL_LINES=40 step profile 5 cat "$RES/profile-bf16/profile.txt"
+[[ -f "$RES/profile-bf16/profile.txt" ]] && TAIL_LINES=40 step profile 5 cat "$RES/profile-bf16/profile.txt"
 step eval-bench 150 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
     --prompts 256 --naive-prompts 6 --max-new-tokens 64 --skip-dynamic --batch-size 128 \
     --max-batch-tokens 163840 --out "$RES"

@@ -122,7 +122,7 @@ def generate(preset, config_file, overrides, store, run_id, force, verbose, ques
     ids = [encode_prompt(tokenizer, p, template) for p in prompts]
     texts = generate_texts(model, tokenizer, ids, max_new_tokens or cfg.eval.max_new_tokens,
                            cfg.eval.batch_size, desc="generate", max_batch_tokens=cfg.eval.max_batch_tokens,
-                           cache_bucket_tokens=cfg.eval.cache_bucket_tokens)
+                           cache_bucket_tokens=cfg.eval.cache_bucket_tokens, compile_mode=cfg.eval.compile)
     for i, (rec, text) in enumerate(zip(records, texts, strict=True)):
         letter, method = extract_answer(text, rec["options_map"]) if rec["options_map"] else (None, "no options")
         if as_json:

@@ -109,6 +109,11 @@ class TrainConfig(_Section):
     )
     pack_len_tokens: int = Field(2048, ge=16)
     compile: bool = Field(False, description="torch.compile the model (CUDA only).")
+    tf32: bool = Field(
+        True,
+        description="Let float32 matrix products use TF32 tensor cores (CUDA). The LoRA adapters "
+        "are float32 on a bf16 base, so their products would otherwise run on the CUDA cores.",
+    )
     seed: int = 42
     eval_every_steps: int = Field(25, ge=1)
     eval_max_batches: int | None = Field(None, ge=1)
@@ -145,6 +150,12 @@ class EvalConfig(_Section):
         256, ge=0,
         description="Static KV cache (CUDA) sized per batch, rounded up to a multiple of this; "
         "0: one cache as long as the longest prompt + max_new_tokens for every batch.",
+    )
+    compile: Literal["none", "full"] = Field(
+        "none",
+        description="Generation on CUDA: 'none' decodes eagerly with a static KV cache; 'full' "
+        "lets transformers compile the whole model with CUDA graphs (minutes of compilation "
+        "for Phi-2, worth it only for small batches, where launching kernels is the bottleneck).",
     )
     checkpoint: str = Field("final", description="'final', 'best', 'merged', 'none' or 'step-<N>'.")
 

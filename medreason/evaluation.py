@@ -177,6 +177,7 @@ def generate_texts(
     desc: str = "generate",
     max_batch_tokens: int | None = None,
     cache_bucket_tokens: int = 0,
+    compile_mode: str = "none",
 ) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding and the KV cache.
 
@@ -193,6 +194,8 @@ def generate_texts(
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompt_ids)
     static = use_static_cache(model, device)
+    # The transformers model that generate() runs on (a PeftModel forwards to it).
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     plan = plan_generation_batches(
         [len(p) for p in prompt_ids], max_new_tokens, batch_size,
         max_batch_tokens=max_batch_tokens, cache_bucket_tokens=cache_bucket_tokens if static else 0,
@@ -200,15 +203,7 @@ def generate_texts(
     extra: dict[str, Any] = {}
     if static:
         extra["cache_implementation"] = "static"
-        # Without a token cap every batch is padded to batch_size rows (below).
-        shapes = {(len(b) if max_batch_tokens else batch_size, n) for b, n in plan}
-        if len(shapes) > 1:
-            # Several cache shapes: compile the decode step once for symbolic shapes (each new
-            # shape then only records a CUDA graph) instead of once per shape, ~40 s each for
-            # Phi-2 on an H100.
-            from transformers.generation import CompileConfig
-
-            extra["compile_config"] = CompileConfig(dynamic=True)
+        extra.update(_compile_generation(compile_mode, plan, batch_size, max_batch_tokens))
     started = time.monotonic()
     for k, (batch, cache_len) in enumerate(tqdm(plan, desc=desc, unit="batch", disable=None), start=1):
         n_questions = len(batch)
@@ -218,7 +213,7 @@ def generate_texts(
             # size this batch was planned for instead (prompts come longest first, so it never
             # shrinks below the need). Each distinct (rows, length) compiles once; after the
             # second shape torch.compile goes dynamic and later shapes only record a CUDA graph.
-            model._previous_max_cache_length = cache_len
+            hf_model._previous_max_cache_length = cache_len
             if len(batch) < batch_size and not max_batch_tokens:
                 # Fill the last, smaller batch with copies of its first prompt (outputs
                 # dropped): one more row count would cost one more compilation.
@@ -255,17 +250,38 @@ def generate_texts(
     return out
 
 
+def _compile_generation(mode: str, plan: list[tuple[list[int], int]], batch_size: int,
+                        max_batch_tokens: int | None) -> dict[str, Any]:
+    """The generate() keywords for ``eval.compile``.
+
+    'full' is transformers' own: the whole forward compiled with CUDA graphs, once per shape,
+    or once for symbolic shapes when the plan has several. For Phi-2 on an H200 that took
+    ~130 s before the first MedQA batch, and then decoded no faster than the GPU allows
+    eagerly: a step of 128 rows reads ~40 GB of KV cache (17.6 ms measured), longer than the
+    host takes to launch an eager step's ~1,000 kernels. So 'none' (eager, the static cache
+    still written in place) is the default; 'full' pays where batches are small.
+    """
+    if mode != "full":
+        return {"disable_compile": True}
+    # Without a token cap every batch is padded to batch_size rows (generate_texts).
+    shapes = {(len(b) if max_batch_tokens else batch_size, n) for b, n in plan}
+    if len(shapes) > 1:
+        from transformers.generation import CompileConfig
+
+        return {"compile_config": CompileConfig(dynamic=True)}
+    return {}
+
+
 STATIC_CACHE_ENV = "MEDREASON_STATIC_CACHE"
 
 
 def use_static_cache(model: Any, device: Any) -> bool:
     """Whether generation uses a static KV cache (and so transformers' compiled decode step).
 
-    On CUDA a Phi-2 decode step in eager mode is ~1,300 small kernel launches plus Python
-    (~20-30 ms, whatever the batch), and the default dynamic cache re-copies the whole cache
-    every step (torch.cat: ~2 x 37 GB per step for 128 prompts of ~900 tokens). A static
-    cache is written in place and lets transformers compile the decode step into CUDA graphs.
-    On by default on CUDA; off for quantized (bitsandbytes) models. MEDREASON_STATIC_CACHE=0
+    The default dynamic cache re-copies the whole cache every step (torch.cat: ~2 x 37 GB per
+    step for 128 prompts of ~900 tokens); a static cache is written in place, and is what
+    transformers' compiled decode step (``eval.compile: full``) needs. On by default on CUDA;
+    off for quantized (bitsandbytes) models. MEDREASON_STATIC_CACHE=0
     turns it off, =1 turns it on elsewhere too (on CPU transformers does not compile the
     step: that is only useful to test the cache sizing).
     """
@@ -645,7 +661,7 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
                 texts = generate_texts(
                     mut.model, mut.tokenizer, ids, ecfg.max_new_tokens, ecfg.batch_size,
                     desc=f"generate ({mut.label})", max_batch_tokens=ecfg.max_batch_tokens,
-                    cache_bucket_tokens=ecfg.cache_bucket_tokens,
+                    cache_bucket_tokens=ecfg.cache_bucket_tokens, compile_mode=ecfg.compile,
                 )
                 local = [
                     score(sets[n][i], t, mut.label, n, prompts_by_set[n][i]) for (n, i), t in zip(mine, texts, strict=True)

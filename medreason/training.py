@@ -527,6 +527,13 @@ class Trainer:
             raise InputError(f"model.quantization={mc.quantization} cannot be sharded with FSDP here "
                              "(bitsandbytes weights); use accelerate_configs/multi_gpu.yaml (DDP)")
         self.dtype = modeling.compute_dtype(mc, device.type)
+        if device.type == "cuda" and tc.tf32:
+            # PEFT keeps the adapters in float32 on a bf16 base: without TF32 their products run
+            # as SIMT float32 GEMMs, a third of a phi2-bf16 step's GPU time on an H200 (profile
+            # in bench/RESULTS.md). TF32 keeps float32 storage and a 10-bit mantissa in the
+            # product, more than bf16's 7.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         with self.acc.local_main_process_first():
             model_dir = resolve_model_dir(self.store, mc)
         started = time.monotonic()
