@@ -183,6 +183,21 @@ def test_static_cache_per_batch_lengths_match_dynamic_generation(tiny, monkeypat
     assert calls == planned
 
 
+def test_compile_modes_map_to_generate_keywords() -> None:
+    from transformers.generation import CompileConfig
+
+    from medreason.evaluation import _compile_generation
+
+    two_shapes = [([0, 1], 1024), ([2, 3], 768)]
+    assert _compile_generation("none", two_shapes, 2, None) == {"disable_compile": True}
+    # Several cache shapes: one compilation for symbolic shapes instead of one per shape.
+    assert _compile_generation("full", two_shapes, 2, None) == {"compile_config": CompileConfig(dynamic=True)}
+    # One shape (the last batch is padded to batch_size rows): transformers' static compile.
+    assert _compile_generation("full", [([0, 1], 768), ([2], 768)], 2, None) == {}
+    # With a token cap rows are not padded, so a smaller last batch is a shape of its own.
+    assert "compile_config" in _compile_generation("full", [([0, 1], 768), ([2], 768)], 2, 2048)
+
+
 def test_heldout_loss_matches_model_loss(tiny) -> None:
     import torch
 
