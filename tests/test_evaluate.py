@@ -150,10 +150,21 @@ def test_plan_generation_batches_sizes_each_cache_to_its_batch() -> None:
     assert plan_generation_batches([], 16, 4) == []
 
 
-def test_static_cache_per_batch_lengths_match_dynamic_generation(tiny, monkeypatch) -> None:
+@pytest.mark.parametrize("peft_wrapped", [False, True])
+def test_static_cache_per_batch_lengths_match_dynamic_generation(tiny, tiny_phi_dir, monkeypatch,
+                                                                  peft_wrapped: bool) -> None:
     """The per-batch static cache (forced on, on CPU) gives the same greedy text as the dynamic
-    cache, and each generate call really gets the cache length it was planned for."""
+    cache, and each generate call really gets the cache length it was planned for, also through
+    a PeftModel (the fine-tuned model under evaluation)."""
     model, tok = tiny
+    hf_model = model
+    if peft_wrapped:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(tiny_phi_dir, dtype=torch.float32).eval()
+        model = get_peft_model(hf_model, LoraConfig(r=4, target_modules=["q_proj", "fc1"])).eval()
     texts = ["A 45-year-old man presents with crushing chest pain radiating to the left arm and "
              "sweating for an hour. " * 3, "Fever", "A child with a barking cough", "Jaundice",
              "A pregnant woman presents with jaundice and dark urine. What is the diagnosis?"]
@@ -171,7 +182,7 @@ def test_static_cache_per_batch_lengths_match_dynamic_generation(tiny, monkeypat
                 seen.append(int(size()))
                 break
 
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    handle = hf_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         static = generate_texts(model, tok, ids, max_new_tokens=5, batch_size=2, cache_bucket_tokens=16)
     finally:
