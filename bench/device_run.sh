@@ -43,4 +43,4 @@ step train 200 python3 bench/train_throughput.py --store "$STORE" --run bench --
 [[ -f "$RES/profile-bf16/profile.txt" ]] && TAIL_LINES=40 step profile 5 cat "$RES/profile-bf16/profile.txt"
 step eval-bench 150 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
     --prompts 256 --naive-prompts 6 --max-new-tokens 64 --skip-dynamic --batch-size 128 \
-    --max-batch-tokens 163840 --out "$RES"
+    --max-batch-tokens 163840 --compile full --out "$RES"

@@ -30,6 +30,8 @@ def main() -> int:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="eval.max_batch_tokens for the job path")
     ap.add_argument("--cache-bucket-tokens", type=int, default=None,
                     help="eval.cache_bucket_tokens for the job path (default: the config's)")
+    ap.add_argument("--compile", choices=["none", "full"], default=None,
+                    help="eval.compile for the job path (default: the config's)")
     ap.add_argument("--skip-dynamic", action="store_true", help="leave out the batched dynamic-cache run")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -81,11 +83,12 @@ def main() -> int:
         _, dyn_s = timed(lambda: generate_texts(model, tok, prompts[:m], new, args.batch_size))
         results["batched_dynamic"] = {"prompts": m, "seconds": dyn_s, "tokens_per_s": m * new / dyn_s}
         print(json.dumps(results["batched_dynamic"]), flush=True)
-    # The job's path as the evaluate job runs it on CUDA (static cache sized per batch, compiled
-    # decode step), with the eval config's batching.
+    # The job's path as the evaluate job runs it on CUDA (static cache sized per batch, decoding
+    # as eval.compile says), with the given batching.
     os.environ.pop("MEDREASON_STATIC_CACHE")
     bucket = cfg.eval.cache_bucket_tokens if args.cache_bucket_tokens is None else args.cache_bucket_tokens
-    job = {"max_batch_tokens": args.max_batch_tokens, "cache_bucket_tokens": bucket}
+    compile_mode = args.compile or cfg.eval.compile
+    job = {"max_batch_tokens": args.max_batch_tokens, "cache_bucket_tokens": bucket, "compile_mode": compile_mode}
     results["job_settings"] = {"batch_size": args.batch_size, **job}
     _, first_s = timed(lambda: generate_texts(model, tok, prompts[:m], new, args.batch_size, **job))
     _, static_s = timed(lambda: generate_texts(model, tok, prompts[:m], new, args.batch_size, **job))
@@ -100,7 +103,8 @@ def main() -> int:
     print(f"| naive (batch 1, dynamic cache) | {n} | {new} | {naive_s:.1f} | {n * new / naive_s:,.0f} |")
     if dyn_s:
         print(f"| batched {args.batch_size}, dynamic cache | {m} | {new} | {dyn_s:.1f} | {m * new / dyn_s:,.0f} |")
-    print(f"| batched {args.batch_size}, static cache per batch ({bucket}) + compiled (job default on CUDA) | {m} | {new} | "
+    decode = "compiled" if compile_mode == "full" else "eager"
+    print(f"| job path: batched {args.batch_size}, static cache per batch ({bucket}), {decode} | {m} | {new} | "
           f"{static_s:.1f} (first call {first_s:.1f}) | {m * new / static_s:,.0f} |")
     return 0
 

@@ -275,14 +275,13 @@ STATIC_CACHE_ENV = "MEDREASON_STATIC_CACHE"
 
 
 def use_static_cache(model: Any, device: Any) -> bool:
-    """Whether generation uses a static KV cache (and so transformers' compiled decode step).
+    """Whether generation uses a static KV cache.
 
     The default dynamic cache re-copies the whole cache every step (torch.cat: ~2 x 37 GB per
     step for 128 prompts of ~900 tokens); a static cache is written in place, and is what
     transformers' compiled decode step (``eval.compile: full``) needs. On by default on CUDA;
-    off for quantized (bitsandbytes) models. MEDREASON_STATIC_CACHE=0
-    turns it off, =1 turns it on elsewhere too (on CPU transformers does not compile the
-    step: that is only useful to test the cache sizing).
+    off for quantized (bitsandbytes) models. MEDREASON_STATIC_CACHE=0 turns it off, =1 turns it
+    on elsewhere too (only useful on CPU to test the cache sizing).
     """
     value = os.environ.get(STATIC_CACHE_ENV, "").strip().lower()
     if value in ("0", "false", "no", "off"):

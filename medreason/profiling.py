@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any
 
+from medreason.errors import InputError
+
 log = logging.getLogger(__name__)
 
 PROFILE_ENV = "MEDREASON_PROFILE"
@@ -46,11 +48,14 @@ class StepProfiler:
         self.is_main = is_main
         if not spec:
             return
+        usage = f"{PROFILE_ENV}={spec!r}: expected START:STEPS:DIR (START >= 0, STEPS >= 1), e.g. 12:3:/tmp/prof"
         try:
             start, steps, out_dir = spec.split(":", 2)
             self.start, self.stop, self.out_dir = int(start), int(start) + int(steps), out_dir
         except ValueError as exc:
-            raise ValueError(f"{PROFILE_ENV}={spec!r}: expected START:STEPS:DIR, e.g. 12:3:/tmp/prof") from exc
+            raise InputError(usage) from exc
+        if self.start < 0 or self.stop <= self.start or not out_dir:
+            raise InputError(usage)
 
     def before(self, step: int) -> None:
         if step != self.start or self.prof is not None:

@@ -458,6 +458,8 @@ class Trainer:
         self.timings: dict[str, float] = {}
         self.head: TargetHead | None = None
         self.attn_impl = "eager"
+        # Parsed here so a malformed MEDREASON_PROFILE fails before the model is loaded.
+        self.profiler = StepProfiler(os.environ.get(PROFILE_ENV), self.is_main)
 
     # -- set-up -------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -840,7 +842,7 @@ class Trainer:
         plan: list[MicroBatch] = []
         plan_epoch = -1
         delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
-        profiler = StepProfiler(os.environ.get(PROFILE_ENV), self.is_main)
+        profiler = self.profiler
         pbar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", desc="train",
                     disable=None if self.is_main else True, dynamic_ncols=True)
         try:
