@@ -44,7 +44,7 @@ last checkpoint. The first stage that fails stops the pipeline with its exit cod
 where the report is.
 
 \b
-  medreason pipeline --preset demo --run demo      # offline CPU demo, ~7 minutes on 2 cores
+  medreason pipeline --preset demo --run demo      # offline CPU demo, 4-7 minutes on 2 cores
 {COMMON_HELP}""")
 @common_options
 @click.option("--until", type=click.Choice(STAGES), default="merge", show_default=True,
