@@ -12,7 +12,14 @@ from typing import Any
 
 import click
 
-from medreason.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PREEMPTED, InputError, Preempted
+from medreason.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_PREEMPTED,
+    InputError,
+    Preempted,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("medreason")
 
@@ -93,32 +100,57 @@ def make_context(preset, config_file, overrides, store, run_id, force) -> JobCon
         raise click.UsageError("--run is required (or set MEDREASON_RUN)")
     run_id = validate_segment(run_id, "--run")
     config = build_config(preset, config_file, overrides)
-    return JobContext(config=config, store=ArtifactStore(store), run_id=run_id, force=force,
+    artifact_store = ArtifactStore(store)
+    # Before any model or data is loaded: a store that cannot be written exits 2 now (StoreError),
+    # one that does not answer is retried, then exits 1 (StoreUnavailable), in one line each.
+    artifact_store.probe()
+    return JobContext(config=config, store=artifact_store, run_id=run_id, force=force,
                       preset=preset)
 
 
 def exit_codes(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's exceptions into the documented exit codes, with no traceback for
-    a user's mistake."""
+    a user's mistake. Every message it prints has the store URI's credentials masked."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         setup_logging(kwargs.get("verbose", False))
+        uri = kwargs.get("store")
+
+        def safe(text: str) -> str:
+            from medreason.store import scrub
+
+            return scrub(text, uri)
+
         try:
             return func(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Preempted as exc:
-            log.warning("%s; exiting %d so the scheduler requeues the job", exc, EXIT_PREEMPTED)
+            log.warning("%s; exiting %d so the scheduler requeues the job", safe(str(exc)), EXIT_PREEMPTED)
             sys.exit(EXIT_PREEMPTED)
         except (InputError, ValueError) as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {safe(str(exc))}", err=True)
             sys.exit(EXIT_BAD_INPUT)
+        except StoreUnavailable as exc:
+            click.echo(f"Error: {safe(str(exc))} (exit {EXIT_FAILURE}: retry later)", err=True)
+            sys.exit(EXIT_FAILURE)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
-        except Exception:
-            log.exception("unexpected failure (exit %d; a scheduler may retry)", EXIT_FAILURE)
+        except Exception as exc:
+            import traceback
+
+            from medreason.store import classify_store_error
+
+            if classify_store_error(exc) == "transient" and not kwargs.get("verbose"):
+                # The store (or another service) stopped answering mid-job: a network fault, not a
+                # bug, so one line rather than a traceback.
+                click.echo(f"Error: a network call failed: {safe(str(exc)) or type(exc).__name__} "
+                           f"(exit {EXIT_FAILURE}: retry later)", err=True)
+                sys.exit(EXIT_FAILURE)
+            log.error("unexpected failure (exit %d; a scheduler may retry)\n%s", EXIT_FAILURE,
+                      safe(traceback.format_exc()).rstrip())
             sys.exit(EXIT_FAILURE)
 
     return wrapper

@@ -1,10 +1,14 @@
 """Exceptions that map to the documented exit codes (see README, "Exit codes").
 
-| exception        | exit | meaning                                                        |
-|------------------|------|----------------------------------------------------------------|
-| InputError       | 2    | bad usage, config or input data; the message says what & where |
-| Preempted        | 75   | stopped by a signal after committing a checkpoint; requeue      |
-| anything else    | 1    | unexpected; a scheduler may retry                               |
+| exception          | exit | meaning                                                          |
+|--------------------|------|------------------------------------------------------------------|
+| InputError         | 2    | bad usage, config or input data; the message says what & where   |
+| StoreError         | 2    | store unusable: path not creatable/writable, no such bucket,     |
+|                    |      | access denied, bad credentials, credentials in the URI           |
+| Preempted          | 75   | stopped by a signal after committing a checkpoint; requeue        |
+| StoreUnavailable   | 1    | store unreachable (refused, timeout, throttled, 5xx) after the    |
+|                    |      | bounded retries (MEDREASON_STORE_RETRY_S); one line, retry later  |
+| anything else      | 1    | unexpected; a scheduler may retry                                 |
 """
 
 from __future__ import annotations
@@ -30,3 +34,14 @@ class Preempted(Exception):
         super().__init__(f"preempted at step {step}; checkpoint committed at {checkpoint_uri}")
         self.step = step
         self.checkpoint_uri = checkpoint_uri
+
+
+class StoreError(InputError):
+    """The artifact store cannot be used as given, and retrying will not help: a path that cannot
+    be created or written (read-only, under a regular file, /proc/...), a missing bucket, access
+    denied or invalid credentials, credentials inside the URI. Exit code 2."""
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer (connection refused, timeout, throttling, 5xx) for the whole
+    retry budget (MEDREASON_STORE_RETRY_S). Exit code 1: a later attempt may succeed."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from typing import Any
 
 import fsspec
 
-from medreason.errors import InputError, StageConflict
+from medreason.errors import InputError, StageConflict, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +190,162 @@ def _fs_options(protocol: str) -> dict[str, Any]:
     return options
 
 
+# -- store URIs and store errors ---------------------------------------------------------------------
+def _refuse_credentials(uri: str) -> None:
+    """Refuse a store URI that carries credentials (user:secret@ or a secret query parameter):
+    they would end up in logs, manifests and even object keys. Exit 2, the secret masked."""
+    protocol, sep, rest = uri.partition("://")
+    shown = redact(uri)
+    has_secret = shown != uri
+    if sep and protocol not in ("file", "local"):
+        path = rest.split("?", 1)[0].split("#", 1)[0]
+        authority = path.split("/", 1)[0]
+        # A bucket name never holds ':' or '@'. Checked on the raw text, not urlsplit's netloc:
+        # a secret key may hold '/', which moves the '@' into what urlsplit calls the path.
+        if ":" in authority or "@" in authority:
+            has_secret = True
+            shown = f"{protocol}://***@{path.split('@', 1)[1]}" if "@" in path else f"{protocol}://***"
+        if "?" in rest or "#" in rest:
+            # The query would become part of every object key; options go in the environment.
+            raise StoreError(
+                f"--store {_mask_query(shown)}: a store URI takes no '?' query or '#' fragment; "
+                "pass credentials and options through the environment (AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL ...)"
+            )
+    if has_secret:
+        raise StoreError(
+            f"--store {_mask_query(shown)}: the URI holds credentials; remove them and pass them "
+            "through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) instead"
+        )
+
+
+def _mask_query(uri: str) -> str:
+    """Every query value masked: in a message about a refused URI, any of them may be a secret."""
+    base, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    keys = [part.split("=", 1)[0] for part in query.split("&")]
+    return base + "?" + "&".join(f"{k}=***" for k in keys)
+
+
+def scrub(text: str, uri: str | None) -> str:
+    """``text`` with the store URI and each secret part of it (password, query values) masked:
+    for messages that may quote the URI (exception texts, tracebacks)."""
+    if not uri:
+        return text
+    text = text.replace(uri, _mask_query(redact(uri)))
+    _protocol, sep, rest = uri.partition("://")
+    if sep:
+        userinfo = rest.split("?", 1)[0].rpartition("@")[0]
+        if userinfo:
+            text = text.replace(userinfo, "***")
+        for part in userinfo.split(":"):
+            if len(part) >= 4:
+                text = text.replace(part, "***")
+    for _key, value in urllib.parse.parse_qsl(uri.partition("?")[2], keep_blank_values=True):
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+            text = text.replace(urllib.parse.quote(value, safe=""), "***")
+    return text
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line: its kind and message, whitespace collapsed."""
+    code = _client_error_code(exc)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if code and code not in message:
+        message = f"{code}: {message}"
+    return f"{type(exc).__name__}: {message}"[:500]
+
+
+def _retry_budget_s() -> float:
+    raw = os.environ.get("MEDREASON_STORE_RETRY_S", "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StoreError(f"MEDREASON_STORE_RETRY_S={raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400:
+        raise StoreError(f"MEDREASON_STORE_RETRY_S={raw!r} must lie between 0 and 86400 seconds")
+    return value
+
+
+# S3 error codes (and HTTP statuses) that no retry can fix: the job must exit 2.
+_PERMANENT_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "InvalidToken", "ExpiredToken", "InvalidBucketName", "NoSuchBucket", "AuthorizationHeaderMalformed",
+    "PermanentRedirect", "InvalidSecurity", "NotSignedUp", "400", "401", "403", "404",
+})
+# Ones that go away with time: retried, then exit 1.
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
+    "RequestTimeout", "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "OperationAborted",
+    "429", "500", "502", "503", "504",
+})
+_PERMANENT_ERRNOS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.EISDIR,
+    errno.ENAMETOOLONG, errno.EINVAL, errno.ENOSPC, errno.EDQUOT, errno.ELOOP,
+})
+_TRANSIENT_ERRNOS = frozenset({
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.EAGAIN, errno.EIO, errno.ESTALE,
+})
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _client_error_code(exc: BaseException) -> str | None:
+    """The S3 error code (or HTTP status) of a botocore ClientError anywhere in the chain."""
+    for err in _chain(exc):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code") or "")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return code or (str(status) if status else None)
+    return None
+
+
+def classify_store_error(exc: BaseException) -> str | None:
+    """'permanent' (exit 2), 'transient' (retry, then exit 1) or None (not a store error)."""
+    code = _client_error_code(exc)
+    if code in _PERMANENT_CODES:
+        return "permanent"
+    if code in _TRANSIENT_CODES or (code and code.isdigit() and int(code) >= 500):
+        return "transient"
+    for err in _chain(exc):
+        module = type(err).__module__
+        name = type(err).__name__
+        if module.startswith(("botocore", "aiohttp", "urllib3")) and (
+            "Connect" in name or "Timeout" in name or "ConnectionClosed" in name
+            or name in ("HTTPClientError", "ServerDisconnectedError", "ProxyConnectionError")
+        ):
+            return "transient"
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            return "transient"
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+            return "transient"
+        if isinstance(err, OSError) and (err.errno in _PERMANENT_ERRNOS
+                                         or isinstance(err, (PermissionError, FileNotFoundError,
+                                                             NotADirectoryError, FileExistsError))):
+            return "permanent"
+    return None
+
+
 # -- the store -----------------------------------------------------------------------------------
 class ArtifactStore:
     """A root folder on any fsspec filesystem (local path, file://, s3://)."""
 
     def __init__(self, uri: str):
         if not uri or not str(uri).strip():
-            raise InputError("--store is empty; pass a folder or s3://bucket/prefix")
+            raise StoreError("--store is empty; pass a folder or s3://bucket/prefix")
         self.uri = str(uri).rstrip("/") or "/"
+        _refuse_credentials(self.uri)
         protocol, _, rest = self.uri.partition("://")
         if not rest:
             protocol, rest = "file", os.path.abspath(self.uri)
@@ -206,10 +355,70 @@ class ArtifactStore:
         try:
             self.fs = fsspec.filesystem(protocol, **options)
         except (ImportError, ValueError) as exc:
-            raise InputError(f"--store {redact(self.uri)}: unsupported storage: {exc}") from None
+            raise StoreError(f"--store {redact(self.uri)}: unsupported storage: {exc}") from None
         self.root = rest.rstrip("/") if protocol != "file" else rest
         if self.is_local:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"--store {self.display()}: cannot create the folder: {_one_line(exc)}") from None
+
+    def probe(self, retry_s: float | None = None) -> None:
+        """Check early, before any model is loaded, that the store can be written: write and
+        delete a small object under the root (listings skip it: it carries the temp mark).
+
+        A permanent problem (cannot create or write, no such bucket, access denied, invalid
+        credentials) raises StoreError (exit 2). A transient one (connection refused, timeout,
+        throttling, 5xx) is retried with exponential backoff (0.5 s doubling, at most 30 s a
+        wait) for ``retry_s`` seconds in all (MEDREASON_STORE_RETRY_S, default 60), then raises
+        StoreUnavailable (exit 1: a scheduler may retry the job).
+        """
+        budget = _retry_budget_s() if retry_s is None else retry_s
+        deadline = time.monotonic() + budget
+        delay, attempt = 0.5, 0
+        while True:
+            attempt += 1
+            try:
+                self._probe_once()
+                return
+            except Exception as exc:  # classified below; anything unknown propagates as is
+                kind = classify_store_error(exc)
+                if kind is None:
+                    raise
+                cause = _one_line(exc)
+                if kind == "permanent":
+                    raise StoreError(f"--store {self.display()}: cannot be written: {cause}") from None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreUnavailable(
+                        f"--store {self.display()}: unreachable after {attempt} attempt(s) over "
+                        f"{budget:g} s (MEDREASON_STORE_RETRY_S): {cause}"
+                    ) from None
+                log.warning("store %s: %s; retrying in %.1f s", self.display(), cause, min(delay, left))
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 30.0)
+
+    def _probe_once(self) -> None:
+        name = f".store-probe{_TMP_MARK}{uuid.uuid4().hex[:8]}"
+        if self.is_local:
             os.makedirs(self.root, exist_ok=True)
+            path = os.path.join(self.root, name)
+            with open(path, "wb") as fh:
+                fh.write(b"probe")
+            os.unlink(path)
+            return
+        # A separate filesystem object without the client's own retries (botocore's and
+        # s3fs's, ~13 s against a closed port), so the backoff above is the only bound.
+        options = dict(_fs_options(self.protocol))
+        if self.protocol == "s3":
+            options["config_kwargs"] = {"retries": {"max_attempts": 1}, "connect_timeout": 5,
+                                        "read_timeout": 15}
+        fs = fsspec.filesystem(self.protocol, **options)
+        if hasattr(fs, "retries"):
+            fs.retries = 1
+        path = self.full(name)
+        fs.pipe_file(path, b"probe")
+        fs.rm_file(path)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({redact(self.uri)!r})"
