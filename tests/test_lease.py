@@ -69,7 +69,7 @@ def test_exactly_one_of_three_racing_writers_wins_and_the_losers_name_it(store_u
     assert len(winners) == 1, first
     winner = winners[0]
     release.touch()
-    for worker, event in zip(workers, first):
+    for worker, event in zip(workers, first, strict=True):
         rc, _events, _err = worker.finish()
         if event is winner:
             assert rc == 0
