@@ -167,31 +167,6 @@ def local_scratch(prefix: str = "medreason-") -> str:
     return tempfile.mkdtemp(prefix=prefix)
 
 
-def _list_local_files(local_dir: str) -> list[str]:
-    rels = []
-    for dirpath, _dirs, files in os.walk(local_dir):
-        for fname in files:
-            if _TMP_MARK in fname:
-                continue
-            full = os.path.join(dirpath, fname)
-            rels.append(os.path.relpath(full, local_dir).replace(os.sep, "/"))
-    return sorted(r for r in rels if r != MANIFEST)
-
-
-def _fs_options(protocol: str) -> dict[str, Any]:
-    """fsspec options: S3 endpoint from AWS_ENDPOINT_URL(_S3) (MinIO, Ceph), no cached listings."""
-    options: dict[str, Any] = {}
-    if protocol == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["client_kwargs"] = {"endpoint_url": endpoint}
-        # Several processes (ranks, resumed jobs) look at the same keys: never trust a
-        # cached listing when deciding whether something is committed.
-        options["use_listings_cache"] = False
-        options["skip_instance_cache"] = True
-    return options
-
-
 def _create_local(target: str, data: bytes) -> bool:
     """Local half of ArtifactStore.create_bytes."""
     folder = os.path.dirname(target)
@@ -228,6 +203,31 @@ class LeaseCheck(Protocol):
     """What commit_dir needs of a lease (medreason.lease.Lease)."""
 
     def check(self, remote: bool = True) -> None: ...
+
+
+def _list_local_files(local_dir: str) -> list[str]:
+    rels = []
+    for dirpath, _dirs, files in os.walk(local_dir):
+        for fname in files:
+            if _TMP_MARK in fname:
+                continue
+            full = os.path.join(dirpath, fname)
+            rels.append(os.path.relpath(full, local_dir).replace(os.sep, "/"))
+    return sorted(r for r in rels if r != MANIFEST)
+
+
+def _fs_options(protocol: str) -> dict[str, Any]:
+    """fsspec options: S3 endpoint from AWS_ENDPOINT_URL(_S3) (MinIO, Ceph), no cached listings."""
+    options: dict[str, Any] = {}
+    if protocol == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        # Several processes (ranks, resumed jobs) look at the same keys: never trust a
+        # cached listing when deciding whether something is committed.
+        options["use_listings_cache"] = False
+        options["skip_instance_cache"] = True
+    return options
 
 
 # -- the store -----------------------------------------------------------------------------------
