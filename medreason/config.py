@@ -28,7 +28,10 @@ PHI_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field refuses nan, inf and -inf (also spelled as the
+    # strings 'inf'/'nan' in --set), naming the field; a non-finite learning rate or tolerance
+    # only shows up later as NaN losses or as manifests strict JSON parsers reject.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):

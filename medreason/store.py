@@ -31,10 +31,11 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 
+from medreason import jsonio
 from medreason.errors import InputError, StageConflict, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,9 @@ def sha256_file(path: str, chunk_bytes: int = 4 << 20) -> str:
 
 
 def manifest_hash(manifest: dict[str, Any]) -> str:
-    blob = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
+    # Canonical strict JSON: a manifest holding NaN in memory hashes like its written form
+    # (null), so the hash a stage records for its input matches what a reader computes.
+    return hashlib.sha256(jsonio.canonical_bytes(manifest)).hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -163,6 +165,44 @@ def now_iso() -> str:
 def local_scratch(prefix: str = "medreason-") -> str:
     """A fresh local folder under $TMPDIR for work that is uploaded afterwards."""
     return tempfile.mkdtemp(prefix=prefix)
+
+
+def _create_local(target: str, data: bytes) -> bool:
+    """Local half of ArtifactStore.create_bytes."""
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(target)}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+class LeaseCheck(Protocol):
+    """What commit_dir needs of a lease (medreason.lease.Lease)."""
+
+    def check(self, remote: bool = True) -> None: ...
 
 
 def _list_local_files(local_dir: str) -> list[str]:
@@ -473,7 +513,60 @@ class ArtifactStore:
             self.fs.pipe_file(target, data)
 
     def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+        """Strict JSON (see medreason.jsonio): non-finite floats are written as null."""
+        self.write_bytes(rel, jsonio.dumps(obj).encode("utf-8"))
+
+    def create_bytes(self, rel: str, data: bytes) -> bool:
+        """Write one file only if nothing is there yet, atomically; False when it already exists.
+
+        Two writers racing for the same name: exactly one gets True. Locally the complete content
+        is written under a temp name and hard-linked to the target (``link`` fails with EEXIST
+        when the name is taken, atomically, also on NFS); a filesystem without hard links falls
+        back to ``O_CREAT|O_EXCL`` (equally exclusive, but a reader may briefly see the file
+        before its content). On S3 it is a PUT with ``If-None-Match: *`` (AWS S3 conditional
+        writes, MinIO, Ceph RGW; the moto test server honours it too), which the server refuses
+        with 412 when the key exists. Other filesystems are refused with InputError.
+        """
+        target = self.full(rel)
+        if self.is_local:
+            return _create_local(target, data)
+        if self.protocol not in ("s3", "s3a"):
+            raise InputError(
+                f"--store {self.display()}: exclusive create (stage leases) is supported on local "
+                "folders and S3 only"
+            )
+        self.check_conditional_create()
+        return self._create_remote(target, data)
+
+    def _create_remote(self, target: str, data: bytes) -> bool:
+        try:
+            self.fs.pipe_file(target, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def check_conditional_create(self) -> None:
+        """Refuse (InputError) an S3 endpoint that ignores ``If-None-Match: *`` on PutObject.
+
+        Such a server (an old MinIO, some gateways) would let two writers both "create" the same
+        lease object, so one probe per store object: create a key twice; the second must fail.
+        """
+        if self.is_local or getattr(self, "_conditional_create_ok", False):
+            return
+        probe = self.full(f"leases/.probe-{uuid.uuid4().hex}")
+        try:
+            first = self._create_remote(probe, b"probe")
+            second = self._create_remote(probe, b"probe")
+        finally:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.fs.rm(probe)
+        if not first or second:
+            raise InputError(
+                f"--store {self.display()}: this S3 endpoint ignores conditional writes "
+                "(PutObject with If-None-Match: *), so two jobs could both take a stage's lease; "
+                "use AWS S3 or a MinIO / Ceph RGW release with conditional writes (2024 or later)"
+            )
+        self._conditional_create_ok = True
 
     def put_file(self, local_path: str, rel: str) -> None:
         target = self.full(rel)
@@ -534,18 +627,27 @@ class ArtifactStore:
         manifest: dict[str, Any],
         progress: bool = False,
         clear: bool = True,
+        lease: LeaseCheck | None = None,
     ) -> dict[str, Any]:
         """Upload every file of ``local_dir`` under ``rel``, then write MANIFEST.json last.
 
         The manifest gets a ``files`` table (size and sha256 of each file). With ``clear`` whatever
         was under ``rel`` before is removed first (its manifest before its files); without it only
         the old manifest is removed and other files (e.g. train's checkpoints/) stay.
+
+        With ``lease`` (a medreason.lease.Lease) the caller must still hold it: checked against
+        the store before the old commit is touched and again just before MANIFEST.json is
+        written, and from its local state before each upload. A lost lease raises LeaseLost and
+        nothing is committed. The manifest is written as strict JSON and returned as written
+        (non-finite floats as None).
         """
         files = _list_local_files(local_dir)
         table = {}
         for name in files:
             path = os.path.join(local_dir, name)
             table[name] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+        if lease is not None:
+            lease.check()
         if clear:
             self.uncommit(rel)
         elif self.exists(f"{rel}/{MANIFEST}"):
@@ -557,11 +659,17 @@ class ArtifactStore:
 
             iterator = tqdm(files, desc=f"upload {rel}", unit="file", disable=None)
         for name in iterator:
+            if lease is not None:
+                lease.check(remote=False)
             self.put_file(os.path.join(local_dir, name), f"{rel}/{name}")
             _test_pause_between_uploads()
-        manifest = dict(manifest)
+        manifest = jsonio.sanitize(dict(manifest))
         manifest["files"] = table
         manifest.setdefault("committed_at", now_iso())
+        if lease is not None:
+            # The last moment: the files under rel are this holder's only if nobody took the
+            # lease over while they were uploaded.
+            lease.check()
         self.write_json(f"{rel}/{MANIFEST}", manifest)
         log.debug("committed %s (%d files, upload %.1fs)", self.display(rel), len(files),
                   time.monotonic() - started)
@@ -702,7 +810,9 @@ def build_manifest(
     }
     if extra:
         manifest.update(extra)
-    return manifest
+    # What commit_dir will write (NaN/inf metrics as None), so hashes and comparisons made on
+    # this dict match the committed file.
+    return jsonio.sanitize(manifest)
 
 
 def check_stage(
