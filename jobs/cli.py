@@ -19,6 +19,8 @@ _COMMANDS = {
     "merge": ("jobs.merge", "merge", "Fold the adapter into the base, check parity, export."),
     "generate": ("jobs.generate", "generate", "Answer questions with a run's model."),
     "pipeline": ("jobs.pipeline", "pipeline", "prepare -> train -> evaluate -> merge, skipping committed stages."),
+    "compare": ("jobs.compare", "compare", "Compare runs and evaluations: accuracy, intervals, McNemar, configs."),
+    "config": ("jobs.config_cmd", "config", "Show the resolved config with each key's default and description."),
 }
 
 
