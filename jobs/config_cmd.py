@@ -16,7 +16,8 @@ def _scalar(value: Any) -> str:
 
 
 def render_yaml(rows: list[dict[str, Any]]) -> str:
-    """Sections as YAML, each key commented with its description and, when changed, its default."""
+    """Sections as YAML (it reads back with yaml.safe_load), each key commented with its default
+    and description."""
     lines: list[str] = []
     section = None
     for row in rows:
@@ -24,11 +25,11 @@ def render_yaml(rows: list[dict[str, Any]]) -> str:
         if head != section:
             section = head
             lines.append(f"{head}:" if lines == [] else f"\n{head}:")
-        note = row["description"]
-        if row["value"] != row["default"]:
-            note = f"(default {_scalar(row['default'])}) {note}".strip()
+        note = f"default {_scalar(row['default'])}"
+        if row["description"]:
+            note += f"; {row['description']}"
         entry = f"  {name}: {_scalar(row['value'])}"
-        lines.append(f"{entry:<44} # {note}" if note else entry)
+        lines.append(f"{entry:<44} # {note}")
     return "\n".join(lines) + "\n"
 
 
