@@ -112,8 +112,8 @@ def _check_parity(model_dir: Path, tmp: Path) -> None:
         assert mine.logliks == pytest.approx(theirs, abs=2e-4)
         their_pred = max(range(4), key=lambda i: (theirs[i], -i))
         assert mine.pred == their_pred, (mine.logliks, theirs)
-        assert float(sample["acc"]) == float(mine.pred == sample["target"])
-        assert float(sample["acc_norm"]) == float(mine.pred_norm == sample["target"])
+        assert float(sample["acc"]) == float(mine.pred == int(sample["target"]))
+        assert float(sample["acc_norm"]) == float(mine.pred_norm == int(sample["target"]))
 
 
 def test_same_choice_as_lm_eval_tiny_phi(tiny_phi_dir: Path, tmp_path: Path) -> None:
