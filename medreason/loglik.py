@@ -32,8 +32,9 @@ MEDQA_CHOICES = ("A", "B", "C", "D")
 
 
 def medqa_prompt(question: str, options: dict[str, str]) -> str:
-    """The context of lm-eval's ``medqa_4options`` task (its ``preprocess_medqa.doc_to_text``)."""
-    answers = "".join(f"{k}. {options[k]}\n" for k in MEDQA_CHOICES)
+    """The context of lm-eval's ``medqa_4options`` task (its ``preprocess_medqa.doc_to_text``);
+    options in the mapping's order, so a 5-option question keeps the same layout."""
+    answers = "".join(f"{k}. {v}\n" for k, v in options.items())
     return f"Question: {question}\n{answers}Answer:"
 
 
@@ -185,3 +186,33 @@ def score_choices(
         out.append(ChoiceScores(logliks=lls, is_greedy=[g for _, g in part], pred=pred,
                                 pred_norm=pred_norm, pred_bytes=pred_bytes))
     return out
+
+
+def prediction_rows(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    model_label: str,
+    set_name: str,
+    metric: Literal["acc", "acc_norm"] = "acc",
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """Rows in the evaluate stage's predictions.jsonl format for records with ``question``,
+    ``options_map`` and ``answer_letter``, the letter picked by likelihood (``metric``).
+
+    A likelihood pick always names an option, so ``extracted`` is never None (no parse
+    failures); ``logliks`` keeps each option's score for later analysis.
+    """
+    questions = [(medqa_prompt(r["question"], r["options_map"]), list(r["options_map"])) for r in records]
+    scores = score_choices(model, tokenizer, questions, batch_size=batch_size)
+    rows = []
+    for rec, (prompt, letters), sc in zip(records, questions, scores, strict=True):
+        letter = letters[sc.pred if metric == "acc" else sc.pred_norm]
+        rows.append({
+            "model": model_label, "set": set_name, "id": rec["uid"],
+            "source": rec.get("dataset_name", set_name), "prompt": prompt, "generated": "",
+            "extracted": letter, "gold": rec["answer_letter"], "correct": letter == rec["answer_letter"],
+            "parse_method": f"loglikelihood:{metric}",
+            "logliks": dict(zip(letters, sc.logliks, strict=True)),
+        })
+    return rows

@@ -170,3 +170,22 @@ def test_pick_acc_and_acc_norm() -> None:
     # Bytes differ from characters for non-ASCII text: "é" is 1 character and 2 bytes, so per
     # character -1/1 loses to -1.5/2, per byte -1/2 beats -1.5/2.
     assert pick([-1.0, -1.5], ["é", "ab"]) == (0, 1, 0)
+
+
+def test_prediction_rows_in_the_evaluate_format(tiny_phi_dir: Path) -> None:
+    from _fixtures_eval import records
+
+    from medreason.evaluation import summarize_rows
+    from medreason.loglik import prediction_rows
+
+    model, tokenizer = _load(tiny_phi_dir)
+    recs = records(5)
+    rows = prediction_rows(model, tokenizer, recs, "base", "heldout", batch_size=4)
+    direct = score_choices(model, tokenizer, [(medqa_prompt(r["question"], r["options_map"]), list("ABCD"))
+                                              for r in recs], batch_size=4)
+    assert [r["extracted"] for r in rows] == ["ABCD"[d.pred] for d in direct]
+    assert [r["correct"] for r in rows] == [r["extracted"] == rec["answer_letter"] for r, rec in zip(rows, recs, strict=True)]
+    for row, d in zip(rows, direct, strict=True):
+        assert list(row["logliks"].values()) == pytest.approx(d.logliks, abs=1e-5)
+    summary = summarize_rows(rows)
+    assert summary["n"] == 5 and summary["parse_failures"] == 0
