@@ -21,15 +21,22 @@ _COMMANDS = {
     "pipeline": ("jobs.pipeline", "pipeline", "prepare -> train -> evaluate -> merge, skipping committed stages."),
 }
 
+# Commands that read the store or the schema but are not stages of a run (no --run/--force).
+_TOOLS = {
+    "compare": ("jobs.compare", "compare", "Compare runs and evaluations: accuracy, intervals, McNemar, configs."),
+    "config": ("jobs.config_cmd", "config", "Show the resolved config with each key's default and description."),
+}
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(_COMMANDS)
+        return [*_COMMANDS, *_TOOLS]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in _COMMANDS:
+        entry = _COMMANDS.get(name) or _TOOLS.get(name)
+        if entry is None:
             return None
-        module_name, attr, short = _COMMANDS[name]
+        module_name, attr, short = entry
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -338,7 +338,9 @@ def format_validation_error(exc: ValidationError) -> str:
         if err["type"] == "value_error":
             msg = str(err.get("ctx", {}).get("error", msg))
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `medreason <job> --help` lists the sections)"
+            guess = suggest_key(err["loc"])
+            msg = (f"unknown key; did you mean {guess!r}?" if guess else
+                   "unknown key (check the spelling; `medreason config show` lists every key)")
         elif "input" in err and err["type"] not in ("value_error", "missing"):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {loc}: {msg}")
@@ -376,3 +378,68 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise InputError(format_validation_error(exc)) from None
+
+
+# -- describing the schema: `medreason config show` and did-you-mean --------------------------------
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section class behind a field's type: Section, or the items of list[Section]."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def suggest_key(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """The closest valid dotted key to an unknown one (difflib), e.g. train.lerning_rate ->
+    train.learning_rate; None when nothing is close. List indexes in ``loc`` are kept."""
+    import difflib
+
+    model: type[BaseModel] | None = Config
+    parts = [str(p) for p in loc]
+    for i, part in enumerate(parts):
+        if model is None:
+            return None
+        if part.isdigit():
+            continue  # an item of a list of sections (eval.benchmarks.0.name)
+        if part in model.model_fields:
+            model = _section_model(model.model_fields[part].annotation)
+            continue
+        if i != len(parts) - 1:
+            return None
+        match = difflib.get_close_matches(part, list(model.model_fields), n=1, cutoff=0.6)
+        return ".".join([*parts[:i], match[0]]) if match else None
+    return None
+
+
+def describe_config(cfg: Config) -> list[dict[str, Any]]:
+    """One row per leaf key of the schema: key, resolved value, default, description, type.
+
+    A list of sections (eval.benchmarks) is one row: its items have no defaults to show.
+    """
+    values = cfg.model_dump(mode="json")
+    rows: list[dict[str, Any]] = []
+
+    def walk(model: type[BaseModel], prefix: str, tree: dict[str, Any]) -> None:
+        for name, info in model.model_fields.items():
+            key = f"{prefix}{name}"
+            section = _section_model(info.annotation)
+            if section is not None and isinstance(tree.get(name), dict):
+                walk(section, f"{key}.", tree[name])
+                continue
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump(mode="json")
+            rows.append({
+                "key": key, "value": tree.get(name), "default": default,
+                "description": info.description or "",
+                "type": (info.annotation.__name__ if isinstance(info.annotation, type)
+                         else str(info.annotation).replace("typing.", "").replace("medreason.config.", "")),
+            })
+
+    walk(Config, "", values)
+    return rows

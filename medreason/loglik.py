@@ -1,0 +1,218 @@
+"""Likelihood scoring of multiple-choice questions, the way lm-evaluation-harness scores them.
+
+No generation: each option is a continuation of the question, and the model's summed
+log-probability of the continuation's tokens decides. This is what leaderboards report for
+MedQA (lm-eval's ``medqa_4options``), so numbers from here are comparable to theirs.
+
+The conventions copied from lm-eval (``lm_eval/api/model.py`` ``_encode_pair`` and
+``lm_eval/api/task.py`` ``process_results`` for ``output_type: multiple_choice``):
+
+- A request is ``(context, target_delimiter + choice)``, ``target_delimiter`` = " ".
+- Trailing whitespace of the context moves to the front of the continuation; then
+  ``context + continuation`` is encoded as ONE string and split at the token length of the
+  encoded context alone. Encoding the two separately would differ wherever a token spans the
+  boundary (BPE merges " A" into one token, which is not "" + "A").
+- The tokenizer's own special-token default applies (a BOS where the tokenizer adds one),
+  except that a string already starting with the BOS text gets none added.
+- An empty context is replaced by the BOS token (EOS when there is none).
+- ``acc`` picks the argmax of the summed log-likelihoods; ``acc_norm`` divides each by the
+  choice's length in characters (``len(choice)``, lm-eval's ``completion_len``, without the
+  delimiter); ``acc_bytes`` by its UTF-8 length. Ties go to the first option, like np.argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+TARGET_DELIMITER = " "
+MEDQA_CHOICES = ("A", "B", "C", "D")
+
+
+def medqa_prompt(question: str, options: dict[str, str]) -> str:
+    """The context of lm-eval's ``medqa_4options`` task (its ``preprocess_medqa.doc_to_text``);
+    options in the mapping's order, so a 5-option question keeps the same layout."""
+    answers = "".join(f"{k}. {v}\n" for k, v in options.items())
+    return f"Question: {question}\n{answers}Answer:"
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    kwargs: dict[str, Any] = {}
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos):
+        kwargs["add_special_tokens"] = False  # the text carries its BOS already
+    return list(tokenizer.encode(text, **kwargs))
+
+
+def prefix_token_id(tokenizer: Any) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) split as lm-eval splits them for a causal model."""
+    if context == "":
+        cont = list(tokenizer.encode(continuation, add_special_tokens=False))
+        prefix = prefix_token_id(tokenizer)
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def loglikelihoods(
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[tuple[str, str]],
+    batch_size: int = 8,
+    padding_side: Literal["right", "left"] = "right",
+    max_length: int | None = None,
+) -> list[tuple[float, bool]]:
+    """(summed log-likelihood, is_greedy) of each ``(context, continuation)`` request.
+
+    Batched forward passes without generation. Rows are sorted by length (longest first) so
+    a batch pads little. Position ids come from the attention mask, so left padding gives the
+    same numbers as right padding: a left-padded row's first real token is at position 0, not
+    at the number of pads before it. ``max_length`` (default: the model's
+    ``max_position_embeddings``) keeps the last max_length + 1 tokens of a long request, as
+    lm-eval truncates from the left.
+    """
+    import torch
+
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    if max_length is None:
+        max_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    device = next(model.parameters()).device
+
+    encoded = []
+    for context, continuation in requests:
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        if not cont:
+            raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
+        full = (ctx + cont)[-(max_length + 1):]
+        # The model reads every token but the last; the last len(cont) logits predict cont.
+        encoded.append((full[:-1], cont[-len(full) + 1:] if len(cont) >= len(full) else cont))
+
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(encoded[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        spans = []
+        for row, i in enumerate(batch):
+            inp = encoded[i][0]
+            begin = 0 if padding_side == "right" else width - len(inp)
+            ids[row, begin:begin + len(inp)] = torch.tensor(inp, dtype=torch.long)
+            mask[row, begin:begin + len(inp)] = 1
+            spans.append(begin + len(inp))  # one past the row's last real position
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device)).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for row, i in enumerate(batch):
+            cont = encoded[i][1]
+            end = spans[row]
+            part = logprobs[row, end - len(cont):end]
+            target = torch.tensor(cont, dtype=torch.long, device=part.device)
+            total = float(part.gather(1, target[:, None]).sum())
+            greedy = bool((part.argmax(dim=-1) == target).all())
+            out[i] = (total, greedy)
+    return out
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """The first index of the maximum (np.argmax's tie rule); NaN never wins."""
+    best = 0
+    for i, v in enumerate(values):
+        if not math.isnan(v) and (math.isnan(values[best]) or v > values[best]):
+            best = i
+    return best
+
+
+@dataclass
+class ChoiceScores:
+    """One question's option log-likelihoods and the option each lm-eval metric picks."""
+
+    logliks: list[float]
+    is_greedy: list[bool]
+    pred: int  # acc: argmax of the summed log-likelihood
+    pred_norm: int  # acc_norm: argmax of log-likelihood / len(choice) (characters)
+    pred_bytes: int  # acc_bytes: argmax of log-likelihood / UTF-8 bytes of the choice
+
+
+def pick(logliks: Sequence[float], choices: Sequence[str]) -> tuple[int, int, int]:
+    """(acc, acc_norm, acc_bytes) picks from the options' summed log-likelihoods."""
+    chars = [float(len(c)) for c in choices]
+    nbytes = [float(len(c.encode("utf-8"))) for c in choices]
+    if min(chars, default=1.0) == 0:
+        raise ValueError("an empty choice cannot be length-normalized")
+    return (_argmax(logliks), _argmax([ll / n for ll, n in zip(logliks, chars, strict=True)]),
+            _argmax([ll / n for ll, n in zip(logliks, nbytes, strict=True)]))
+
+
+def score_choices(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[tuple[str, Sequence[str]]],
+    target_delimiter: str = TARGET_DELIMITER,
+    batch_size: int = 8,
+    padding_side: Literal["right", "left"] = "right",
+    max_length: int | None = None,
+) -> list[ChoiceScores]:
+    """Score ``[(context, choices)]``: every option of every question in one batched pass."""
+    requests = [(ctx, f"{target_delimiter}{c}") for ctx, choices in questions for c in choices]
+    results = loglikelihoods(model, tokenizer, requests, batch_size=batch_size,
+                             padding_side=padding_side, max_length=max_length)
+    out, k = [], 0
+    for _ctx, choices in questions:
+        part = results[k:k + len(choices)]
+        k += len(choices)
+        lls = [ll for ll, _ in part]
+        pred, pred_norm, pred_bytes = pick(lls, choices)
+        out.append(ChoiceScores(logliks=lls, is_greedy=[g for _, g in part], pred=pred,
+                                pred_norm=pred_norm, pred_bytes=pred_bytes))
+    return out
+
+
+def prediction_rows(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    model_label: str,
+    set_name: str,
+    metric: Literal["acc", "acc_norm"] = "acc",
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """Rows in the evaluate stage's predictions.jsonl format for records with ``question``,
+    ``options_map`` and ``answer_letter``, the letter picked by likelihood (``metric``).
+
+    A likelihood pick always names an option, so ``extracted`` is never None (no parse
+    failures); ``logliks`` keeps each option's score for later analysis.
+    """
+    questions = [(medqa_prompt(r["question"], r["options_map"]), list(r["options_map"])) for r in records]
+    scores = score_choices(model, tokenizer, questions, batch_size=batch_size)
+    rows = []
+    for rec, (prompt, letters), sc in zip(records, questions, scores, strict=True):
+        letter = letters[sc.pred if metric == "acc" else sc.pred_norm]
+        rows.append({
+            "model": model_label, "set": set_name, "id": rec["uid"],
+            "source": rec.get("dataset_name", set_name), "prompt": prompt, "generated": "",
+            "extracted": letter, "gold": rec["answer_letter"], "correct": letter == rec["answer_letter"],
+            "parse_method": f"loglikelihood:{metric}",
+            "logliks": dict(zip(letters, sc.logliks, strict=True)),
+        })
+    return rows
