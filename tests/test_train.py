@@ -466,3 +466,24 @@ def test_start_line_names_paths_and_packed_fallback_warns_once(tmp_path: Path, t
     assert "loss target-only LM head + cross-entropy" in err
     warnings = [line for line in err.splitlines() if "falling back to" in line]
     assert len(warnings) == 1 and f"{FAST_PATH_ENV}=1 forces the fast path without CUDA" in warnings[0]
+
+
+def test_two_processes_stop_together_on_divergence(tmp_path: Path, tiny_phi_dir: Path) -> None:
+    """2 CPU processes (gloo) diverging: both stop at the same step, nothing more is committed."""
+    store_uri = str(tmp_path / "store")
+    store = ArtifactStore(store_uri)
+    cfg = train_config(tmp_path / "cfg.yaml", max_steps=6, micro_batch_size=2, save_every_steps=1,
+                       eval_every_steps=6, warmup_steps=0, learning_rate=1e30, lr_scheduler="constant")
+    commit_prepare(store_uri, "dd", cfg, tiny_phi_dir, n_train=24, n_eval=4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO_ROOT / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(_free_port()),
+         "-m", "jobs.train", "--store", store_uri, "--run", "dd", "--config", str(cfg)],
+        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    steps = re.findall(r"non-finite loss or gradient norm at step (\d+)", proc.stderr)
+    assert len(steps) == 2 and steps[0] == steps[1], proc.stderr[-4000:]  # one message per rank
+    bad = int(steps[0])
+    assert _newest(store, "dd") == f"step-{bad - 1}"
+    assert not store.exists("runs/dd/train/MANIFEST.json")
