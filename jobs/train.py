@@ -25,9 +25,11 @@ needs a CUDA GPU; without one the job exits 2.
 
 \b
 Resume and preemption: a rerun continues from the newest committed checkpoint (on any
-machine). SIGTERM or SIGUSR1 stops every rank at the next step boundary, commits a checkpoint
-and exits 75. A checkpoint made with another config is refused (exit 2) unless --force, which
-starts over and removes the old checkpoints; --force on a committed train stage redoes it.
+machine; one that no longer matches its manifest is skipped). SIGTERM or SIGUSR1 stops every
+rank at the next step boundary, commits a checkpoint and exits 75. A non-finite loss or gradient
+norm stops the run before its next checkpoint and exits 2. A checkpoint made with another
+config is refused (exit 2) unless --force, which starts over and removes the old checkpoints;
+--force on a committed train stage redoes it.
 Without a conflict, --force resumes like a plain rerun, so a requeued job keeps its progress.
 
 \b

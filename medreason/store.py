@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import fsspec
 
-from medreason import jsonio
+from medreason import jsonio, testhooks
 from medreason.errors import InputError, StageConflict, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -662,7 +662,7 @@ class ArtifactStore:
             if lease is not None:
                 lease.check(remote=False)
             self.put_file(os.path.join(local_dir, name), f"{rel}/{name}")
-            _test_pause_between_uploads()
+            testhooks.between_uploads()
         manifest = jsonio.sanitize(dict(manifest))
         manifest["files"] = table
         manifest.setdefault("committed_at", now_iso())
@@ -761,14 +761,6 @@ class ArtifactStore:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _test_pause_between_uploads() -> None:
-    """Test hook: MEDREASON_TEST_SLOW_COMMIT_S=<seconds> sleeps after each uploaded file, so a
-    test can SIGKILL a writer in the middle of a commit. Unset (always, outside tests): no-op."""
-    pause_s = os.environ.get("MEDREASON_TEST_SLOW_COMMIT_S")
-    if pause_s:
-        time.sleep(float(pause_s))
 
 
 def read_uri_bytes(uri: str) -> bytes:

@@ -24,7 +24,7 @@ from _fixtures_train import (
 )
 
 from medreason.store import ArtifactStore
-from medreason.training import METRIC_KEYS, STEP_DELAY_ENV, committed_checkpoints
+from medreason.training import FAST_PATH_ENV, METRIC_KEYS, STEP_DELAY_ENV, committed_checkpoints
 
 CKPTS = "runs/{run}/train/checkpoints"
 
@@ -373,3 +373,117 @@ def test_demo_smollm2_heldout_loss_falls(tmp_path: Path, smollm2_gguf: Path, cli
     rows = _metrics(ArtifactStore(store), "demo")
     evals = [r["eval_loss"] for r in rows if r["eval_loss"] is not None]
     assert len(evals) == 3 and evals[2] < evals[0], evals  # step 0 (base model) vs. step 12
+
+
+def test_corrupt_newest_checkpoint_is_skipped_on_resume(tmp_path: Path, tiny_phi_dir: Path, cli_inproc) -> None:
+    """A newest checkpoint whose file no longer matches its MANIFEST: resume from the one before."""
+    store_uri = str(tmp_path / "store")
+    store = ArtifactStore(store_uri)
+    cfg = train_config(tmp_path / "cfg.yaml", max_steps=12, save_every_steps=4, eval_every_steps=4,
+                       keep_last_checkpoints=3)
+    commit_prepare(store_uri, "c", cfg, tiny_phi_dir, n_train=24, n_eval=8)
+    rc, _out, err = cli_inproc("train", "--store", store_uri, "--run", "c", "--config", cfg)
+    assert rc == 0, err
+    straight = _metrics(store, "c")
+    adapter = _adapter(store, "runs/c/train/adapter")
+    store.fs.rm(store.full("runs/c/train/MANIFEST.json"))  # as if killed before the final commit
+    ckpts = CKPTS.format(run="c")
+    assert _newest(store, "c") == "step-12"
+    with open(store.full(f"{ckpts}/step-12/optimizer.pt"), "ab") as fh:
+        fh.write(b"\0garbage")
+    rc, _out, err = cli_inproc("train", "--store", store_uri, "--run", "c", "--config", cfg)
+    assert rc == 0, err
+    assert f"skipping checkpoint {store.display(f'{ckpts}/step-12')}" in err and "optimizer.pt" in err
+    assert f"resuming from {store.display(f'{ckpts}/step-8')}" in err
+    assert store.read_manifest("runs/c/train")["metrics"]["steps"] == 12
+    store.verify(f"{ckpts}/step-12")  # rewritten by the resumed run
+    resumed = _metrics(store, "c")
+    assert [(r["step"], r["loss"], r["eval_loss"]) for r in resumed] == \
+           [(r["step"], r["loss"], r["eval_loss"]) for r in straight]
+    _assert_same_adapter(adapter, _adapter(store, "runs/c/train/adapter"))
+
+
+def test_diverging_run_stops_with_exit_2_before_checkpointing(tmp_path: Path, tiny_phi_dir: Path,
+                                                              cli_inproc) -> None:
+    """A finite but absurd learning rate blows the weights up at run time: exit 2, nothing committed."""
+    store_uri = str(tmp_path / "store")
+    store = ArtifactStore(store_uri)
+    cfg = train_config(tmp_path / "cfg.yaml", max_steps=8, save_every_steps=1, eval_every_steps=8,
+                       warmup_steps=0, learning_rate=1e30, lr_scheduler="constant")
+    commit_prepare(store_uri, "d", cfg, tiny_phi_dir, n_train=24, n_eval=8)
+    rc, _out, err = cli_inproc("train", "--store", store_uri, "--run", "d", "--config", cfg)
+    assert rc == 2, err
+    match = re.search(r"non-finite loss or gradient norm at step (\d+)", err)
+    assert match, err[-3000:]
+    bad = int(match.group(1))
+    assert 1 < bad < 8
+    ckpts = CKPTS.format(run="d")
+    # Every step before the bad one was checkpointed (save_every_steps=1); the bad one was not.
+    assert _newest(store, "d") == f"step-{bad - 1}"
+    assert f"last good checkpoint is {store.display(f'{ckpts}/step-{bad - 1}')}" in err
+    assert not store.exists(f"{ckpts}/step-{bad}")
+    assert not store.exists("runs/d/train/MANIFEST.json")
+    assert "Traceback" not in err
+    for name in committed_checkpoints(store, ckpts):
+        manifest = store.read_text(f"{ckpts}/{name}/MANIFEST.json")
+        assert "NaN" not in manifest and "Infinity" not in manifest
+
+    # Diverging before the first checkpoint: the message says there is none.
+    cfg2 = train_config(tmp_path / "cfg2.yaml", max_steps=8, save_every_steps=8, eval_every_steps=8,
+                        warmup_steps=0, learning_rate=1e30, lr_scheduler="constant")
+    commit_prepare(store_uri, "d2", cfg2, tiny_phi_dir, n_train=24, n_eval=8)
+    rc, _out, err = cli_inproc("train", "--store", store_uri, "--run", "d2", "--config", cfg2)
+    assert rc == 2 and "there is no checkpoint of this run" in err, err[-3000:]
+    assert _newest(store, "d2") is None and not store.exists("runs/d2/train/MANIFEST.json")
+
+
+def test_start_line_names_paths_and_packed_fallback_warns_once(tmp_path: Path, tiny_phi_dir: Path,
+                                                               cli_inproc) -> None:
+    """Packed rows on a CPU: one warning saying what the run falls back to and why; ETA per step."""
+    store_uri = str(tmp_path / "store")
+    cfg = train_config(tmp_path / "cfg.yaml", max_steps=3, save_every_steps=3, eval_every_steps=3,
+                       padding="packed", pack_len_tokens=256, micro_batch_size=1, compile=True)
+    commit_prepare(store_uri, "k", cfg, tiny_phi_dir, n_train=24, n_eval=4)
+    rc, _out, err = cli_inproc("train", "--store", store_uri, "--run", "k", "--config", cfg)
+    assert rc == 0, err
+    paths = [line for line in err.splitlines() if "training paths:" in line]
+    assert len(paths) == 1, err[-3000:]
+    assert "attention sdpa with a block-causal mask over packed rows" in paths[0]
+    assert "loss full logits + cross-entropy" in paths[0]
+    assert "compile off (train.compile is ignored without CUDA)" in paths[0]
+    warnings = [line for line in err.splitlines() if "falling back to" in line]
+    assert len(warnings) == 1, err[-3000:]
+    assert "train.padding=packed" in warnings[0] and "there is no CUDA device" in warnings[0]
+    steps = [line for line in err.splitlines() if re.search(r"step [123]/3 ", line)]
+    assert len(steps) == 3 and all(re.search(r"elapsed=\d+:\d\d:\d\d eta=\d+:\d\d:\d\d", s) for s in steps), steps
+
+    # Forcing the fast path on a CPU: the varlen path, but its per-record reference, said once.
+    commit_prepare(store_uri, "k2", cfg, tiny_phi_dir, n_train=24, n_eval=4)
+    rc, _out, err = cli_inproc("train", "--store", store_uri, "--run", "k2", "--config", cfg,
+                               env={FAST_PATH_ENV: "1"})
+    assert rc == 0, err
+    assert "attention varlen reference (causal sdpa one record at a time)" in err
+    assert "loss target-only LM head + cross-entropy" in err
+    warnings = [line for line in err.splitlines() if "falling back to" in line]
+    assert len(warnings) == 1 and f"{FAST_PATH_ENV}=1 forces the fast path without CUDA" in warnings[0]
+
+
+def test_two_processes_stop_together_on_divergence(tmp_path: Path, tiny_phi_dir: Path) -> None:
+    """2 CPU processes (gloo) diverging: both stop at the same step, nothing more is committed."""
+    store_uri = str(tmp_path / "store")
+    store = ArtifactStore(store_uri)
+    cfg = train_config(tmp_path / "cfg.yaml", max_steps=6, micro_batch_size=2, save_every_steps=1,
+                       eval_every_steps=6, warmup_steps=0, learning_rate=1e30, lr_scheduler="constant")
+    commit_prepare(store_uri, "dd", cfg, tiny_phi_dir, n_train=24, n_eval=4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO_ROOT / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(_free_port()),
+         "-m", "jobs.train", "--store", store_uri, "--run", "dd", "--config", str(cfg)],
+        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    steps = re.findall(r"non-finite loss or gradient norm at step (\d+)", proc.stderr)
+    assert len(steps) == 2 and steps[0] == steps[1], proc.stderr[-4000:]  # one message per rank
+    bad = int(steps[0])
+    assert _newest(store, "dd") == f"step-{bad - 1}"
+    assert not store.exists("runs/dd/train/MANIFEST.json")
