@@ -93,52 +93,63 @@ def load_source(source: str, store: Any = None, hub_file: str = "ours_quality_33
 
 
 def parse_bytes(raw: bytes, name: str, label: str | None = None) -> Loaded:
+    """Rows of a .jsonl/.ndjson, .json (a list) or .parquet file's bytes, by ``name``'s extension."""
     label = label or name
     lower = name.lower()
-    out = Loaded(source=label)
     if lower.endswith((".jsonl", ".ndjson")):
-        # Decode line by line: one bad line is one rejected record (with its line number), not a
-        # failed run.
-        for lineno, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            where = {"source": label, "line": lineno}
-            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]  # a UTF-8 byte-order mark
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                out.rejects.append({**where, "reason": "invalid_utf8",
-                                    "detail": f"byte {exc.start} is not valid UTF-8"})
-                continue
-            try:
-                out.rows.append((where, json.loads(text)))
-            except json.JSONDecodeError as exc:
-                out.rejects.append({**where, "reason": "invalid_json", "detail": exc.msg})
-        return out
+        return _parse_jsonl(raw, label)
     if lower.endswith(".json"):
-        try:
-            data = json.loads(raw.decode("utf-8-sig"))
-        except UnicodeDecodeError as exc:
-            raise InputError(f"data.source {label}: not UTF-8 text (byte {exc.start}); "
-                             "re-encode the file as UTF-8") from None
-        except json.JSONDecodeError as exc:
-            raise InputError(f"data.source {label}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, list):
-            raise InputError(f"data.source {label}: expected a JSON list of records")
-        out.rows = [({"source": label, "index": i}, row) for i, row in enumerate(data)]
-        return out
+        return _parse_json(raw, label)
     if lower.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(io.BytesIO(raw))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"data.source {label}: not a readable parquet file ({exc})") from None
-        out.rows = [({"source": label, "index": i}, row) for i, row in enumerate(table.to_pylist())]
-        return out
+        return _parse_parquet(raw, label)
     raise InputError(f"data.source {label}: unsupported file type; use .jsonl, .json or .parquet")
+
+
+def _parse_jsonl(raw: bytes, label: str) -> Loaded:
+    # Decode line by line: one bad line is one rejected record (with its line number), not a
+    # failed run.
+    out = Loaded(source=label)
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = {"source": label, "line": lineno}
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte-order mark
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.rejects.append({**where, "reason": "invalid_utf8",
+                                "detail": f"byte {exc.start} is not valid UTF-8"})
+            continue
+        try:
+            out.rows.append((where, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            out.rejects.append({**where, "reason": "invalid_json", "detail": exc.msg})
+    return out
+
+
+def _parse_json(raw: bytes, label: str) -> Loaded:
+    try:
+        rows = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"data.source {label}: not UTF-8 text (byte {exc.start}); "
+                         "re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"data.source {label}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list):
+        raise InputError(f"data.source {label}: expected a JSON list of records")
+    return Loaded(source=label, rows=[({"source": label, "index": i}, row) for i, row in enumerate(rows)])
+
+
+def _parse_parquet(raw: bytes, label: str) -> Loaded:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(raw))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"data.source {label}: not a readable parquet file ({exc})") from None
+    return Loaded(source=label, rows=[({"source": label, "index": i}, row) for i, row in enumerate(table.to_pylist())])
 
 
 # -- validation -------------------------------------------------------------------------------------

@@ -141,10 +141,52 @@ def _longest_prefix(norm_answer: str, norm_opts: dict[str, str]) -> str | None:
     return prefixes[0]
 
 
+def _by_decision(answer: str, options: dict[str, str], norm_opts: dict[str, str]) -> str | None:
+    m = _DECISION_RE.match(answer)
+    if not m:
+        return None
+    hits = [k for k, v in norm_opts.items() if v == m.group(1).lower()]
+    return hits[0] if hits else ""
+
+
+def _by_paren_letter(answer: str, options: dict[str, str], norm_opts: dict[str, str]) -> str | None:
+    m = _PAREN_LETTER_RE.match(answer)
+    return m.group(1) if m and m.group(1) in options else None
+
+
+def _by_letter_and_text(answer: str, options: dict[str, str], norm_opts: dict[str, str]) -> str | None:
+    m = _LETTER_PREFIX_RE.match(answer)
+    if m and m.group(1) in options and _starts_with_words(normalize_text(m.group(2)), norm_opts[m.group(1)]):
+        return m.group(1)
+    return None
+
+
+def _by_exact_text(answer: str, options: dict[str, str], norm_opts: dict[str, str]) -> str | None:
+    norm_answer = normalize_text(answer)
+    exact = [k for k, v in norm_opts.items() if v and v == norm_answer]
+    return exact[0] if exact else None
+
+
+def _by_text_prefix(answer: str, options: dict[str, str], norm_opts: dict[str, str]) -> str | None:
+    return _longest_prefix(normalize_text(answer), norm_opts)
+
+
+def _by_letter(answer: str, options: dict[str, str], norm_opts: dict[str, str]) -> str | None:
+    m = _LETTER_PREFIX_RE.match(answer)
+    if m and m.group(1) in options:
+        return m.group(1)
+    bare = answer.strip().rstrip(".").strip()
+    return bare if len(bare) == 1 and bare in options else None
+
+
+# In order; the first rule that decides (a letter, or "" for "cannot tell") wins.
+_LETTER_RULES = (_by_decision, _by_paren_letter, _by_letter_and_text, _by_exact_text, _by_text_prefix, _by_letter)
+
+
 def recover_letter(answer: str, options_map: dict[str, str]) -> str:
     """The gold option letter named by a MedReason ``answer``; "" when no option matches.
 
-    Rules, first match wins (an ordered rule list):
+    Rules, first match wins:
       1. pubmedqa "The final decision is: yes ..." -> the option whose text is yes/no/maybe;
       2. MedXpertQA "(B) text" or a bare "(B)" -> B;
       3. "B. text" / "B) text" whose text starts with option B's text -> B;
@@ -157,24 +199,8 @@ def recover_letter(answer: str, options_map: dict[str, str]) -> str:
     if not options_map or not answer.strip():
         return ""
     norm_opts = {k: normalize_text(v) for k, v in options_map.items()}
-    m = _DECISION_RE.match(answer)
-    if m:
-        hits = [k for k, v in norm_opts.items() if v == m.group(1).lower()]
-        return hits[0] if hits else ""
-    m = _PAREN_LETTER_RE.match(answer)
-    if m and m.group(1) in options_map:
-        return m.group(1)
-    m = _LETTER_PREFIX_RE.match(answer)
-    if m and m.group(1) in options_map and _starts_with_words(normalize_text(m.group(2)), norm_opts[m.group(1)]):
-        return m.group(1)
-    norm_answer = normalize_text(answer)
-    exact = [k for k, v in norm_opts.items() if v and v == norm_answer]
-    if exact:
-        return exact[0]
-    prefix = _longest_prefix(norm_answer, norm_opts)
-    if prefix is not None:
-        return prefix
-    if m and m.group(1) in options_map:
-        return m.group(1)
-    bare = answer.strip().rstrip(".").strip()
-    return bare if len(bare) == 1 and bare in options_map else ""
+    for rule in _LETTER_RULES:
+        letter = rule(answer, options_map, norm_opts)
+        if letter is not None:
+            return letter
+    return ""
