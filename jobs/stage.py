@@ -94,11 +94,12 @@ def stage_write(ctx: Any, stage: Stage) -> Iterator[str]:
 
 def run_stage(ctx: Any, stage: Stage, build: Callable[[str], Built], *,
               describe: Callable[[dict[str, Any]], str] | None = None,
-              progress: bool = False, writer: bool = True) -> StageResult:
+              progress: bool = False, writer: bool = True, clear: bool = True) -> StageResult:
     """Check, then build and commit ``stage`` of ``ctx.run_id`` once (see the module docstring).
     ``describe(manifest)`` adds a short summary to the "already committed" line. ``writer``
     False: a non-main process of a distributed stage, which builds its share and commits
-    nothing (its result's manifest is empty); the main process commits."""
+    nothing (its result's manifest is empty); the main process commits. ``clear`` False keeps
+    files already under the stage's folder that the build did not write (train's checkpoints/)."""
     from medreason.store import build_manifest
 
     st, rel = ctx.store, stage.rel(ctx.store, ctx.run_id)
@@ -117,5 +118,5 @@ def run_stage(ctx: Any, stage: Stage, build: Callable[[str], Built], *,
             config_hash=ctx.config.stage_hash(stage.name), inputs=stage.inputs,
             timings_s=built.timings_s, metrics=built.metrics, extra=built.extra,
         )
-        committed_manifest = st.commit_dir(folder, rel, manifest, progress=progress)
+        committed_manifest = st.commit_dir(folder, rel, manifest, progress=progress, clear=clear)
     return StageResult(committed_manifest, rel, skipped=False)

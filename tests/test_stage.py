@@ -72,3 +72,13 @@ def test_a_non_writer_builds_and_commits_nothing(tmp_path: Path) -> None:
     done = run_stage(_ctx(tmp_path), Stage("evaluate", {}), _builder(calls), writer=False)
     assert len(calls) == 1 and done.manifest == {} and not done.skipped
     assert not (tmp_path / "store/runs/r1/evaluate" / MANIFEST).exists()
+
+
+def test_clear_false_keeps_what_the_build_did_not_write(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    ctx.store.write_bytes("runs/r1/train/checkpoints/step-1/x.bin", b"ckpt")
+    run_stage(ctx, Stage("train", {}), _builder([]), clear=False)
+    assert (tmp_path / "store/runs/r1/train/checkpoints/step-1/x.bin").read_bytes() == b"ckpt"
+    run_stage(_ctx(tmp_path, force=True), Stage("train", {}), _builder([]))
+    assert not (tmp_path / "store/runs/r1/train/checkpoints").exists()
+    assert (tmp_path / "store/runs/r1/train/out.txt").exists()
