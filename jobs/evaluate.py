@@ -8,6 +8,7 @@ import time
 import click
 
 from jobs.common import COMMON_HELP, common_options, exit_codes, make_context
+from jobs.stage import Built, Stage, run_stage
 
 log = logging.getLogger("medreason.evaluate")
 
@@ -25,34 +26,27 @@ Under `accelerate launch` the questions are sharded over the processes.
 @exit_codes
 def evaluate(preset, config_file, overrides, store, run_id, force, verbose) -> None:
     from medreason.evaluation import Dist, evaluate_run, stage_inputs
-    from medreason.store import build_manifest, check_stage
 
     ctx = make_context(preset, config_file, overrides, store, run_id, force)
     cfg, st, run = ctx.config, ctx.store, ctx.run_id
     started = time.monotonic()
-    rel = st.stage_rel(run, "evaluate")
-
-    inputs = stage_inputs(st, run, cfg.eval.checkpoint)
-    done = check_stage(st, run, "evaluate", cfg.stage_hash("evaluate"), inputs, ctx.force)
-    if done is not None:
-        log.info("evaluate of run %r is already committed at %s; nothing to do (report: %s/report.md)",
-                 run, st.display(rel), st.display(rel))
-        return
-
+    stage = Stage("evaluate", stage_inputs(st, run, cfg.eval.checkpoint))
     dist = Dist.create()
-    with st.staged_folder() as out:
+
+    def build(out: str) -> Built:
         result = evaluate_run(st, run, cfg, out, dist)
-        if dist.is_main:
-            manifest = build_manifest(
-                stage="evaluate", run_id=run, config=cfg, config_hash=cfg.stage_hash("evaluate"),
-                inputs=inputs, timings_s={"evaluate": time.monotonic() - started},
-                metrics=result["headline"],
-            )
-            st.commit_dir(out, rel, manifest)
-            for key, value in sorted(result["headline"].items()):
-                if "_accuracy_" in key:
-                    log.info("%s = %.3f", key, value)
-            log.info("report: %s/report.md", st.display(rel))
+        return Built(result["headline"], {"evaluate": time.monotonic() - started})
+
+    def describe(_manifest: dict) -> str:
+        return f"report: {st.display(stage.rel(st, run))}/report.md"
+
+    # Only the main process commits; every process builds (the questions are sharded).
+    done = run_stage(ctx, stage, build, describe=describe, writer=dist.is_main)
+    if not done.skipped and done.manifest:
+        for key, value in sorted(done.manifest["metrics"].items()):
+            if "_accuracy_" in key:
+                log.info("%s = %.3f", key, value)
+        log.info("report: %s/report.md", st.display(done.rel))
     if dist.count > 1:
         dist.state.wait_for_everyone()
 

@@ -10,6 +10,7 @@ import time
 import click
 
 from jobs.common import COMMON_HELP, common_options, exit_codes, make_context
+from jobs.stage import Built, Stage, run_stage
 
 log = logging.getLogger("medreason.merge")
 
@@ -34,6 +35,7 @@ def merge(preset, config_file, overrides, store, run_id, force, verbose, push_re
     from medreason.evaluation import require_stage, resolve_adapter
     from medreason.merging import (
         ParityError,
+        check_parity,
         load_base_for_merge,
         merge_and_save,
         model_card,
@@ -41,8 +43,7 @@ def merge(preset, config_file, overrides, store, run_id, force, verbose, push_re
         zip_folder,
     )
     from medreason.staging import load_tokenizer, local_model_dir
-    from medreason.store import build_manifest, check_stage, manifest_hash
-    from medreason.tokens import load_split
+    from medreason.store import manifest_hash
 
     ctx = make_context(preset, config_file, overrides, store, run_id, force)
     cfg, st, run = ctx.config, ctx.store, ctx.run_id
@@ -51,31 +52,16 @@ def merge(preset, config_file, overrides, store, run_id, force, verbose, push_re
     prep = require_stage(st, run, "prepare", "run `medreason prepare` first")
     train = require_stage(st, run, "train", "no committed adapter; run `medreason train` first")
     inputs = {"prepare": manifest_hash(prep), "train": manifest_hash(train)}
-    done = check_stage(st, run, "merge", cfg.stage_hash("merge"), inputs, ctx.force)
-    if done is not None:
-        log.info("merge of run %r is already committed at %s; nothing to do", run,
-                 st.display(st.stage_rel(run, "merge")))
-        return
 
-    # Verified against the train manifest's sha256 before anything is loaded.
-    adapter_dir, _, _ = resolve_adapter(st, run, "final")
-    base_dir = local_model_dir(st, cfg.model)
-    tokenizer = load_tokenizer(base_dir, cfg.model)
-
-    prep_rel = st.stage_rel(run, "prepare")
-    split_path = os.path.join(st.materialize(prep_rel), "eval.tokens.safetensors")
-    if not os.path.exists(split_path):
-        split_path = os.path.join(st.materialize(prep_rel), "train.tokens.safetensors")
-    split = load_split(split_path)
-    n = min(cfg.merge.parity_prompts, len(split))
-    if n == 0:
-        raise click.UsageError("prepare's splits are empty: no prompts for the parity check")
-    prompts = [[int(t) for t in split.ids(i)[:PARITY_MAX_TOKENS]] for i in range(n)]
-
-    eval_manifest = st.read_manifest(st.stage_rel(run, "evaluate"))
-    base, _device = load_base_for_merge(base_dir, cfg.model, cfg.merge)
-    log.info("merging the adapter into %s", cfg.model.name_or_path)
-    with st.staged_folder() as scratch:
+    def build(scratch: str) -> Built:
+        # Verified against the train manifest's sha256 before anything is loaded.
+        adapter_dir, _, _ = resolve_adapter(st, run, "final")
+        base_dir = local_model_dir(st, cfg.model)
+        tokenizer = load_tokenizer(base_dir, cfg.model)
+        prompts = _parity_prompts(st, run, cfg.merge.parity_prompts)
+        eval_manifest = st.read_manifest(st.stage_rel(run, "evaluate"))
+        base, _device = load_base_for_merge(base_dir, cfg.model, cfg.merge)
+        log.info("merging the adapter into %s", cfg.model.name_or_path)
         model_dir = os.path.join(scratch, "model")
         parity = merge_and_save(base, adapter_dir, tokenizer, model_dir, prompts, cfg.merge.max_shard_size)
         log.info("parity: max |logit diff| %.3g, top-1 agreement %.4f over %d positions",
@@ -85,27 +71,39 @@ def merge(preset, config_file, overrides, store, run_id, force, verbose, push_re
         with open(os.path.join(model_dir, "README.md"), "w", encoding="utf-8") as fh:
             fh.write(card)
         try:
-            from medreason.merging import check_parity
-
             check_parity(parity, cfg.merge.parity_max_abs_diff, cfg.merge.parity_min_top1)
         except ParityError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         zip_folder(adapter_dir, os.path.join(scratch, "adapter.zip"))
-        manifest = build_manifest(
-            stage="merge", run_id=run, config=cfg, config_hash=cfg.stage_hash("merge"), inputs=inputs,
-            timings_s={"merge": time.monotonic() - started},
-            metrics={"parity_max_abs_diff": parity["max_abs_diff"],
-                     "parity_top1_agreement": parity["top1_agreement"],
-                     "parity_positions": parity["positions"]},
-        )
-        st.commit_dir(scratch, st.stage_rel(run, "merge"), manifest, progress=True)
-    merged_at = st.display(f"{st.stage_rel(run, 'merge')}/model")
-    log.info("merged model committed at %s (%.0f s)", merged_at, time.monotonic() - started)
+        return Built(metrics={"parity_max_abs_diff": parity["max_abs_diff"],
+                              "parity_top1_agreement": parity["top1_agreement"],
+                              "parity_positions": parity["positions"]},
+                     timings_s={"merge": time.monotonic() - started})
+
+    done = run_stage(ctx, Stage("merge", inputs), build, progress=True)
+    if done.skipped:
+        return
+    log.info("merged model committed at %s (%.0f s)", st.display(f"{done.rel}/model"), time.monotonic() - started)
     repo = push_repo or cfg.merge.push_to_hub
     if repo:
-        url = push_to_hub(st.materialize(st.stage_rel(run, "merge")) + "/model", repo)
+        url = push_to_hub(st.materialize(done.rel) + "/model", repo)
         log.info("pushed the merged model to %s", url)
+
+
+def _parity_prompts(st, run: str, n_prompts: int) -> list[list[int]]:
+    """Token ids of the first prompts of prepare's eval split (train split when eval is absent)."""
+    from medreason.tokens import load_split
+
+    folder = st.materialize(st.stage_rel(run, "prepare"))
+    split_path = os.path.join(folder, "eval.tokens.safetensors")
+    if not os.path.exists(split_path):
+        split_path = os.path.join(folder, "train.tokens.safetensors")
+    split = load_split(split_path)
+    n = min(n_prompts, len(split))
+    if n == 0:
+        raise click.UsageError("prepare's splits are empty: no prompts for the parity check")
+    return [[int(t) for t in split.ids(i)[:PARITY_MAX_TOKENS]] for i in range(n)]
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Formats (``eval.benchmarks[].format``):
   the gold recovered from the ``answer`` text as prepare does).
 
 Files are .jsonl, .json (a list of rows, or a mapping id -> row) or .parquet, read from a local
-path, any store URI (s3://bucket/key) or the hub (``hub:<owner>/<repo>/<file in repo>``).
-Every record gets 2 to 10 options lettered A.. in order and a gold letter among them; a row
+path, any store URI (s3://bucket/key) or the hub (``hub:<owner>/<repo>/<file>[@<revision>]``),
+by medreason.sources. Options and letters follow medreason.records, the rules prepare uses:
+every record gets 2 to 26 options lettered A.. in order and a gold letter among them; a row
 that breaks this is an InputError naming the file, the row and the fix.
 """
 
@@ -23,18 +24,24 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from medreason.errors import InputError
+from medreason.records import (
+    LETTERS,
+    check_options,
+    coerce_options,
+    normalize_text,
+    options_string,
+    recover_letter,
+)
+from medreason.sources import read_source
 
 log = logging.getLogger(__name__)
 
-LETTERS = "ABCDEFGHIJ"
 PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
-_OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.):]\s*(.*\S)\s*$")
+FORMATS = ("mcq", "pubmedqa", "medreason")
 
 
 # -- reading files -------------------------------------------------------------------------------
@@ -53,138 +60,61 @@ def jsonl_objects(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict[
             raise InputError(f"{where} line {lineno}: expected a JSON object per line")
         yield lineno, row
 
-def fetch_local(path: str) -> str:
-    """A local file path for ``path`` (downloaded from the hub or a store when remote)."""
-    if path.startswith("hub:"):
-        spec = path[len("hub:"):].strip("/")
-        parts = spec.split("/")
-        if len(parts) < 3:
-            raise InputError(f"benchmark path {path!r}: expected hub:<owner>/<repo>/<file>")
-        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-        try:
-            from huggingface_hub import hf_hub_download
 
-            return hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset")
-        except Exception as exc:  # offline, missing repo/file, gated: all the user's to fix
-            raise InputError(
-                f"benchmark {path!r}: could not download {filename} from dataset {repo_id} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                "on a machine without internet copy the file to a local path or the store"
-            ) from None
-    if "://" in path and not path.startswith("file://"):
-        from medreason.store import ArtifactStore
-
-        folder, _, name = path.rstrip("/").rpartition("/")
-        store = ArtifactStore(folder)
-        cache = os.path.join(
-            os.environ.get("MEDREASON_LOCAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medreason"),
-            "benchmarks",
-        )
-        os.makedirs(cache, exist_ok=True)
-        local = os.path.join(cache, re.sub(r"[^A-Za-z0-9._-]+", "_", path))
-        try:
-            data = store.read_bytes(name)
-        except FileNotFoundError:
-            raise InputError(f"benchmark file not found: {store.display(name)}") from None
-        with open(local, "wb") as fh:
-            fh.write(data)
-        return local
-    local = path[len("file://"):] if path.startswith("file://") else path
-    if not os.path.isfile(local):
-        raise InputError(f"benchmark file not found: {local}")
-    return local
+def _json_rows(text: str, path: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, list):
+        return [(str(i), row) for i, row in enumerate(data)]
+    if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+        # PubMedQA's own release is {pmid: row}: the key is the id.
+        return [(str(k), v) for k, v in data.items()]
+    raise InputError(f"{path}: expected a JSON list of rows or a mapping id -> row")
 
 
 def read_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
-    """(row id fallback, row) pairs from a .jsonl/.json/.parquet file at any supported path."""
-    local = fetch_local(path)
-    name = path.lower()
+    """(row id fallback, row) pairs from a .jsonl/.json/.parquet file at any path
+    medreason.sources.read_source reads (local, store URI, hub)."""
+    found = read_source(path, what="benchmark")
+    name = found.name.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        return [(str(i), row) for i, row in enumerate(pq.read_table(local).to_pylist())]
-    with open(local, "rb") as fh:
-        raw = fh.read()
-    text = raw.decode("utf-8-sig")
-    if name.endswith(".jsonl") or name.endswith(".ndjson"):
+        return [(str(i), row) for i, row in enumerate(pq.read_table(io.BytesIO(found.raw)).to_pylist())]
+    try:
+        text = found.raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8") from None
+    if name.endswith((".jsonl", ".ndjson")):
         return [(str(lineno - 1), row) for lineno, row in jsonl_objects(io.StringIO(text), path)]
     if name.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if isinstance(data, list):
-            return [(str(i), row) for i, row in enumerate(data)]
-        if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
-            # PubMedQA's own release is {pmid: row}: the key is the id.
-            return [(str(k), v) for k, v in data.items()]
-        raise InputError(f"{path}: expected a JSON list of rows or a mapping id -> row")
+        return _json_rows(text, path)
     raise InputError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
 
 
-# -- options and gold letters ---------------------------------------------------------------------
-def parse_options_string(text: str) -> dict[str, str]:
-    """'Answer Choices:\\nA. x\\nB. y' -> {'A': 'x', 'B': 'y'} (continuation lines are joined)."""
-    options: dict[str, str] = {}
-    last = None
-    for line in (text or "").splitlines():
-        m = _OPTION_LINE.match(line)
-        if m and m.group(1) not in options:
-            last = m.group(1)
-            options[last] = m.group(2).strip()
-        elif last and line.strip() and not line.strip().lower().startswith("answer choices"):
-            options[last] = f"{options[last]} {line.strip()}"
-    return options
+def benchmark_questions(path: str, question_field: str = "question",
+                        rows: list[tuple[str, dict[str, Any]]] | None = None) -> list[str]:
+    """Questions of a benchmark file (MCQ jsonl, PubMedQA, MedReason, ...) for decontamination:
+    the ``question`` column, with a PubMedQA ``context`` column put before it when present."""
+    out = []
+    for _rid, row in read_rows(path) if rows is None else rows:
+        question = row.get(question_field)
+        if not isinstance(question, str):
+            continue
+        context = row.get("context") or row.get("CONTEXTS")
+        if isinstance(context, list):
+            context = " ".join(str(c) for c in context)
+        if isinstance(context, str) and context.strip():
+            question = f"{context}\n{question}"
+        out.append(question)
+    if not out:
+        raise InputError(f"decontamination file {path}: no rows with a {question_field!r} text field")
+    return out
 
 
-def options_string(options: dict[str, str]) -> str:
-    """The MedReason options string: 'Answer Choices:\\nA. x\\nB. y'."""
-    return "Answer Choices:\n" + "\n".join(f"{k}. {v}" for k, v in options.items())
-
-
-def _one_line(text: Any) -> str:
-    # An option text with a line break would split its "X. text" line in the prompt.
-    return " ".join(str(text).split())
-
-
-def coerce_options(value: Any) -> dict[str, str]:
-    """A dict {letter: text} from a dict, a list of texts, or an options string."""
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return {str(k).strip().upper(): _one_line(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return {LETTERS[i]: _one_line(v) for i, v in enumerate(value) if i < len(LETTERS)}
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("{"):
-            try:
-                return coerce_options(json.loads(text))
-            except json.JSONDecodeError:
-                pass
-        return parse_options_string(text)
-    return {}
-
-
-def check_options(options: dict[str, str], where: str) -> None:
-    if not options:
-        raise InputError(
-            f"{where}: no options; multiple-choice rows need an options column "
-            "({'A': ..., 'B': ...}, a list, or 'A. ...' lines); map it with fields: {options: <column>}"
-        )
-    n = len(options)
-    if not 2 <= n <= len(LETTERS):
-        raise InputError(f"{where}: {n} options; between 2 and {len(LETTERS)} are supported")
-    if list(options) != list(LETTERS[:n]):
-        raise InputError(
-            f"{where}: option letters {', '.join(options)} must be A.. in order without gaps "
-            f"(expected {', '.join(LETTERS[:n])})"
-        )
-    empty = [k for k, v in options.items() if not v]
-    if empty:
-        raise InputError(f"{where}: option {', '.join(empty)} has no text")
-
-
+# -- gold letters ----------------------------------------------------------------------------------
 def gold_from_index(value: Any, options: dict[str, str], where: str) -> str:
     """A letter from answer_idx: 'C', '(C)', or an integer 0-based index."""
     if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
@@ -203,18 +133,6 @@ def gold_from_index(value: Any, options: dict[str, str], where: str) -> str:
     return letter
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", str(text).lower()).split())
-
-
-def letter_from_answer_text(answer: str, options: dict[str, str]) -> str:
-    """The option letter a MedReason ``answer`` names ('' when it cannot be told): the same
-    rules prepare uses (medreason.data.recover_letter), so both agree on every gold letter."""
-    from medreason.data import recover_letter
-
-    return recover_letter(answer or "", options)
-
-
 # -- records ---------------------------------------------------------------------------------------
 def _field(row: dict[str, Any], fields: dict[str, str], key: str, *fallbacks: str) -> Any:
     if key in fields:
@@ -225,10 +143,45 @@ def _field(row: dict[str, Any], fields: dict[str, str], key: str, *fallbacks: st
     return None
 
 
+def _pubmedqa_gold(row: dict[str, Any], fields: dict[str, str], question: str,
+                   where: str) -> tuple[str, dict[str, str], str]:
+    """(question with its context, options, gold letter) of a PubMedQA row."""
+    options = coerce_options(_field(row, fields, "options")) or dict(PUBMEDQA_OPTIONS)
+    context = _field(row, fields, "context", "CONTEXTS", "contexts")
+    if isinstance(context, list):
+        context = "\n".join(str(c) for c in context)
+    if isinstance(context, str) and context.strip() and context.strip() not in question:
+        question = f"{context.strip()}\n{question}"
+    check_options(options, where)
+    raw_gold = _field(row, fields, "answer_idx")
+    if raw_gold is None:
+        word = _field(row, fields, "answer", "final_decision")
+        inverse = {normalize_text(v): k for k, v in options.items()}
+        raw_gold = inverse.get(normalize_text(str(word or "")))
+        if raw_gold is None:
+            raise InputError(f"{where}: gold answer {word!r} is not one of {', '.join(options.values())}")
+    return question, options, gold_from_index(raw_gold, options, where)
+
+
+def _medreason_gold(row: dict[str, Any], fields: dict[str, str], where: str) -> tuple[dict[str, str], str]:
+    """(options, gold letter) of a MedReason row: answer_idx, else the letter prepare recovers."""
+    options = coerce_options(_field(row, fields, "options"))
+    check_options(options, where)
+    raw_gold = _field(row, fields, "answer_idx")
+    if raw_gold is not None:
+        return options, gold_from_index(raw_gold, options, where)
+    gold = recover_letter(str(_field(row, fields, "answer") or ""), options)
+    if not gold:
+        raise InputError(f"{where}: cannot tell which option the answer names; add an answer_idx column")
+    return options, gold
+
+
 def to_record(
     row: dict[str, Any], fallback_id: str, fmt: str, name: str, fields: dict[str, str], where: str
 ) -> dict[str, Any]:
     """One benchmark row -> the MedReason record shape (with options_map and answer_letter)."""
+    if fmt not in FORMATS:
+        raise InputError(f"{where}: unknown benchmark format {fmt!r}; use mcq, pubmedqa or medreason")
     question = _field(row, fields, "question", "QUESTION", "stem")
     if not isinstance(question, str) or not question.strip():
         raise InputError(f"{where}: no question text; map it with fields: {{question: <column>}}")
@@ -237,41 +190,15 @@ def to_record(
     rid = fallback_id if rid is None or str(rid).strip() == "" else str(rid)
     dataset_name = name
     if fmt == "pubmedqa":
-        options = coerce_options(_field(row, fields, "options")) or dict(PUBMEDQA_OPTIONS)
-        context = _field(row, fields, "context", "CONTEXTS", "contexts")
-        if isinstance(context, list):
-            context = "\n".join(str(c) for c in context)
-        if isinstance(context, str) and context.strip() and context.strip() not in question:
-            question = f"{context.strip()}\n{question}"
-        check_options(options, where)
-        raw_gold = _field(row, fields, "answer_idx")
-        if raw_gold is None:
-            word = _field(row, fields, "answer", "final_decision")
-            inverse = {_norm(v): k for k, v in options.items()}
-            raw_gold = inverse.get(_norm(word or ""))
-            if raw_gold is None:
-                raise InputError(f"{where}: gold answer {word!r} is not one of {', '.join(options.values())}")
-        gold = gold_from_index(raw_gold, options, where)
+        question, options, gold = _pubmedqa_gold(row, fields, question, where)
     elif fmt == "medreason":
-        options = coerce_options(_field(row, fields, "options"))
-        check_options(options, where)
+        options, gold = _medreason_gold(row, fields, where)
         dataset_name = str(row.get("dataset_name") or name)
         rid = str(row.get("id_in_dataset", rid))
-        raw_gold = _field(row, fields, "answer_idx")
-        if raw_gold is not None:
-            gold = gold_from_index(raw_gold, options, where)
-        else:
-            gold = letter_from_answer_text(str(_field(row, fields, "answer") or ""), options)
-            if not gold:
-                raise InputError(
-                    f"{where}: cannot tell which option the answer names; add an answer_idx column"
-                )
-    elif fmt == "mcq":
+    else:
         options = coerce_options(_field(row, fields, "options", "choices"))
         check_options(options, where)
         gold = gold_from_index(_field(row, fields, "answer_idx", "answer_letter", "label"), options, where)
-    else:
-        raise InputError(f"{where}: unknown benchmark format {fmt!r}; use mcq, pubmedqa or medreason")
     return {
         "uid": f"{dataset_name}:{rid}",
         "dataset_name": dataset_name,
@@ -285,9 +212,11 @@ def to_record(
     }
 
 
-def load_benchmark(bench: Any) -> list[dict[str, Any]]:
-    """Records of one ``eval.benchmarks`` entry (a BenchmarkConfig), in file order, up to ``limit``."""
-    rows = read_rows(bench.path)
+def load_benchmark(bench: Any, rows: list[tuple[str, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """Records of one ``eval.benchmarks`` entry (a BenchmarkConfig), in file order, up to
+    ``limit``; every row is checked (options, gold letter) and a bad one is an InputError naming
+    the benchmark, its file and the row. ``rows``: the file's rows when already read."""
+    rows = read_rows(bench.path) if rows is None else rows
     if bench.limit:
         rows = rows[: bench.limit]
     records = []

@@ -1,5 +1,7 @@
 """MedReason records: loading, validation, answer letters, prompt templates, subsets, splits,
-decontamination and tokenization. Plain functions; jobs/prepare.py calls them in order.
+decontamination and tokenization. Plain functions; medreason.prepare calls them in order.
+Option letters, gold letters and the text normaliser are medreason.records' (shared with the
+benchmark loader); files are read by medreason.sources.
 
 A MedReason record has six fields (see ../shared/data/PROVENANCE.md for the real data)::
 
@@ -17,8 +19,6 @@ import io
 import json
 import logging
 import os
-import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from medreason.errors import InputError
+from medreason.records import normalize_text, parse_options, recover_letter
+from medreason.sources import read_source
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +45,11 @@ SAMPLE_FILE = "medreason_sample.jsonl"
 # Text the response ends with when the gold letter is known; evaluate's extractor looks for it.
 ANSWER_LINE = "\nThe answer is {letter}."
 TRUNCATION_MARK = " ..."
-_NON_WORD_RE = re.compile(r"[^\w\s]|_")
-_APOSTROPHE_RE = re.compile(r"['\u2019`]")
 
 
 # -- small helpers ---------------------------------------------------------------------------------
 def uid_of(record: dict[str, Any]) -> str:
     return f"{record['dataset_name']}:{record['id_in_dataset']}"
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, punctuation removed, whitespace collapsed: "Colle's  ST-elevation." -> 'colles st elevation'.
-
-    Used for duplicate questions, option matching and decontamination, so formatting noise
-    (case, punctuation, line breaks) does not hide a repeat.
-    """
-    # One regex pass (C speed): a per-character unicodedata loop took ~50 s on 32k questions.
-    # Apostrophes go ("Colle's" -> "colles"); other punctuation and symbols ("%", "+", "/", "-")
-    # become spaces, so "ST-elevation" -> "st elevation".
-    text = _APOSTROPHE_RE.sub("", unicodedata.normalize("NFKC", text).lower())
-    return " ".join(_NON_WORD_RE.sub(" ", text).split())
 
 
 def stable_hash(*parts: Any) -> int:
@@ -76,110 +63,93 @@ def stable_hash(*parts: Any) -> int:
 @dataclass
 class Loaded:
     """What a source file yielded: parsed rows with where each came from, and rows that could
-    not even be parsed (bad UTF-8, bad JSON) as rejects."""
+    not even be parsed (bad UTF-8, bad JSON) as rejects; ``provenance`` says where the file came
+    from (for a hub file, the commit read)."""
 
     source: str
     rows: list[tuple[dict[str, Any], Any]] = field(default_factory=list)  # (where, parsed value)
     rejects: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _read_source_bytes(source: str, hub_file: str, hub_revision: str | None, store: Any) -> tuple[str, bytes]:
-    """(file name used to pick the parser, bytes) for ``data.source``."""
-    if source == "sample":
-        from importlib import resources
-
-        ref = resources.files("medreason") / "sample" / SAMPLE_FILE
-        try:
-            return SAMPLE_FILE, ref.read_bytes()
-        except FileNotFoundError:
-            raise InputError(f"data.source=sample: the package has no sample/{SAMPLE_FILE}") from None
-    if source.startswith("hub:"):
-        repo_id = source[len("hub:"):].strip("/")
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(repo_id=repo_id, filename=hub_file, repo_type="dataset",
-                                   revision=hub_revision)
-        except Exception as exc:  # offline, unreachable, unknown file or revision
-            raise InputError(
-                f"data.source={source!r}: cannot download {hub_file} from the hub and it is not in "
-                f"the local HF cache ({type(exc).__name__}). Copy the file into the store or a local "
-                "folder and set data.source to its path"
-            ) from None
-        with open(path, "rb") as fh:
-            return hub_file, fh.read()
-    from medreason.store import read_uri_bytes
-
-    if "://" in source:
-        try:
-            return source, read_uri_bytes(source)
-        except FileNotFoundError:
-            raise InputError(f"data.source: file not found: {source}") from None
-    if os.path.isfile(source):
-        with open(source, "rb") as fh:
-            return source, fh.read()
-    rel = source.strip("/")
-    if store is not None and not os.path.isabs(source) and store.exists(rel):
-        return source, store.read_bytes(rel)
-    where = f" (nor at {store.display(rel)} in the store)" if store is not None and not os.path.isabs(source) else ""
-    raise InputError(f"data.source: file not found: {source}{where}; pass a .jsonl/.json/.parquet "
-                     "path, 'sample', or 'hub:UCSC-VLAA/MedReason'")
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def load_source(source: str, store: Any = None, hub_file: str = "ours_quality_33000.jsonl",
                 hub_revision: str | None = None) -> Loaded:
-    """Read ``data.source`` into parsed rows (jsonl, json list or parquet, by extension)."""
-    name, raw = _read_source_bytes(source, hub_file, hub_revision, store)
-    return parse_bytes(raw, name, label=source)
+    """Read ``data.source`` into parsed rows (jsonl, json list or parquet, by extension): the
+    packaged sample, or any path medreason.sources.read_source reads (local, store URI, hub)."""
+    if source == "sample":
+        from importlib import resources
+
+        try:
+            raw = (resources.files("medreason") / "sample" / SAMPLE_FILE).read_bytes()
+        except FileNotFoundError:
+            raise InputError(f"data.source=sample: the package has no sample/{SAMPLE_FILE}") from None
+        loaded = parse_bytes(raw, SAMPLE_FILE, label=source)
+        loaded.provenance = {"kind": "package", "file": SAMPLE_FILE}
+        return loaded
+    found = read_source(source, store=store, hub_file=hub_file, hub_revision=hub_revision, what="data.source")
+    loaded = parse_bytes(found.raw, found.name, label=source)
+    loaded.provenance = found.provenance
+    return loaded
 
 
 def parse_bytes(raw: bytes, name: str, label: str | None = None) -> Loaded:
+    """Rows of a .jsonl/.ndjson, .json (a list) or .parquet file's bytes, by ``name``'s extension."""
     label = label or name
     lower = name.lower()
-    out = Loaded(source=label)
     if lower.endswith((".jsonl", ".ndjson")):
-        # Decode line by line: one bad line is one rejected record (with its line number), not a
-        # failed run.
-        for lineno, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            where = {"source": label, "line": lineno}
-            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]  # a UTF-8 byte-order mark
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                out.rejects.append({**where, "reason": "invalid_utf8",
-                                    "detail": f"byte {exc.start} is not valid UTF-8"})
-                continue
-            try:
-                out.rows.append((where, json.loads(text)))
-            except json.JSONDecodeError as exc:
-                out.rejects.append({**where, "reason": "invalid_json", "detail": exc.msg})
-        return out
+        return _parse_jsonl(raw, label)
     if lower.endswith(".json"):
-        try:
-            data = json.loads(raw.decode("utf-8-sig"))
-        except UnicodeDecodeError as exc:
-            raise InputError(f"data.source {label}: not UTF-8 text (byte {exc.start}); "
-                             "re-encode the file as UTF-8") from None
-        except json.JSONDecodeError as exc:
-            raise InputError(f"data.source {label}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, list):
-            raise InputError(f"data.source {label}: expected a JSON list of records")
-        out.rows = [({"source": label, "index": i}, row) for i, row in enumerate(data)]
-        return out
+        return _parse_json(raw, label)
     if lower.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(io.BytesIO(raw))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"data.source {label}: not a readable parquet file ({exc})") from None
-        out.rows = [({"source": label, "index": i}, row) for i, row in enumerate(table.to_pylist())]
-        return out
+        return _parse_parquet(raw, label)
     raise InputError(f"data.source {label}: unsupported file type; use .jsonl, .json or .parquet")
+
+
+def _parse_jsonl(raw: bytes, label: str) -> Loaded:
+    # Decode line by line: one bad line is one rejected record (with its line number), not a
+    # failed run.
+    out = Loaded(source=label)
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = {"source": label, "line": lineno}
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte-order mark
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.rejects.append({**where, "reason": "invalid_utf8",
+                                "detail": f"byte {exc.start} is not valid UTF-8"})
+            continue
+        try:
+            out.rows.append((where, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            out.rejects.append({**where, "reason": "invalid_json", "detail": exc.msg})
+    return out
+
+
+def _parse_json(raw: bytes, label: str) -> Loaded:
+    try:
+        rows = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"data.source {label}: not UTF-8 text (byte {exc.start}); "
+                         "re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"data.source {label}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list):
+        raise InputError(f"data.source {label}: expected a JSON list of records")
+    return Loaded(source=label, rows=[({"source": label, "index": i}, row) for i, row in enumerate(rows)])
+
+
+def _parse_parquet(raw: bytes, label: str) -> Loaded:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(raw))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"data.source {label}: not a readable parquet file ({exc})") from None
+    return Loaded(source=label, rows=[({"source": label, "index": i}, row) for i, row in enumerate(table.to_pylist())])
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -276,80 +246,7 @@ def check_rejects(n_total: int, rejects: Sequence[dict[str, Any]], n_valid: int,
         )
 
 
-# -- options and the gold letter --------------------------------------------------------------------
-_OPTION_RE = re.compile(r"^\s*\(?([A-Z])\s*[.)]\s?(.*)$")
-_DECISION_RE = re.compile(r"^\s*the final decision is\s*:?\s*(yes|no|maybe)\b", re.IGNORECASE)
-_PAREN_LETTER_RE = re.compile(r"^\s*\(([A-Z])\)(?:\s+(.*))?$", re.DOTALL)
-_LETTER_PREFIX_RE = re.compile(r"^\s*([A-Z])\s*[.):]\s*(.*)$", re.DOTALL)
-
-
-def parse_options(options: str) -> dict[str, str]:
-    """'Answer Choices:\\nA. x\\nB. y' -> {'A': 'x', 'B': 'y'}. Lines that do not start a new
-    option continue the previous one; letters must run A, B, C... (a line like 'C. difficile'
-    inside option B's text is not option C unless C is the next letter)."""
-    out: dict[str, str] = {}
-    last: str | None = None
-    for line in options.splitlines():
-        m = _OPTION_RE.match(line)
-        expected = chr(ord("A") + len(out))
-        if m and m.group(1) == expected:
-            last = m.group(1)
-            out[last] = m.group(2).strip()
-        elif last is not None and line.strip():
-            out[last] = f"{out[last]} {line.strip()}"
-    return out
-
-
-def _starts_with_words(text: str, prefix: str) -> bool:
-    return bool(prefix) and text.startswith(prefix) and (len(text) == len(prefix) or text[len(prefix)] == " ")
-
-
-def recover_letter(answer: str, options_map: dict[str, str]) -> str:
-    """The gold option letter named by a MedReason ``answer``; "" when no option matches.
-
-    Rules, first match wins:
-      1. pubmedqa "The final decision is: yes ..." -> the option whose text is yes/no/maybe;
-      2. MedXpertQA "(B) text" or a bare "(B)" -> B;
-      3. "B. text" / "B) text" whose text starts with option B's text -> B;
-      4. the answer equals an option's text (normalized: medqa);
-      5. the answer starts with option texts (medmcqa "<text>. Explanation: ..."): the longest
-         such option wins; a tie between equally long different letters is left unknown;
-      6. "B. text" / "B) text" / bare "B" where B is an option -> B (the text differs, e.g. a
-         paraphrase; checked after 4-5 so an option text like "C. difficile" wins over letter C).
-    """
-    if not options_map or not answer.strip():
-        return ""
-    norm_opts = {k: normalize_text(v) for k, v in options_map.items()}
-    m = _DECISION_RE.match(answer)
-    if m:
-        word = m.group(1).lower()
-        hits = [k for k, v in norm_opts.items() if v == word]
-        return hits[0] if hits else ""
-    m = _PAREN_LETTER_RE.match(answer)
-    if m and m.group(1) in options_map:
-        return m.group(1)
-    m = _LETTER_PREFIX_RE.match(answer)
-    if m and m.group(1) in options_map and _starts_with_words(normalize_text(m.group(2)), norm_opts[m.group(1)]):
-        return m.group(1)
-    norm_answer = normalize_text(answer)
-    exact = [k for k, v in norm_opts.items() if v and v == norm_answer]
-    if exact:
-        return exact[0]
-    prefixes = sorted((k for k, v in norm_opts.items() if _starts_with_words(norm_answer, v)),
-                      key=lambda k: len(norm_opts[k]), reverse=True)
-    if prefixes:
-        if len(prefixes) > 1 and len(norm_opts[prefixes[0]]) == len(norm_opts[prefixes[1]]) \
-                and norm_opts[prefixes[0]] != norm_opts[prefixes[1]]:
-            return ""
-        return prefixes[0]
-    if m and m.group(1) in options_map:
-        return m.group(1)
-    bare = answer.strip().rstrip(".").strip()
-    if len(bare) == 1 and bare in options_map:
-        return bare
-    return ""
-
-
+# -- answer letters --------------------------------------------------------------------------------
 def add_letters(records: Iterable[dict[str, Any]]) -> Counter[str]:
     """Set options_map and answer_letter on each record; count unknown letters per dataset."""
     unknown: Counter[str] = Counter()
@@ -490,27 +387,6 @@ def decontaminate(records: Sequence[dict[str, Any]], index: BenchmarkIndex,
         else:
             kept.append(record)
     return kept, dropped
-
-
-def benchmark_questions(path: str, question_field: str = "question") -> list[str]:
-    """Questions of a benchmark file (MCQ jsonl, PubMedQA, MedReason, ...): the ``question``
-    column, with a PubMedQA ``context`` column put before it when present."""
-    from medreason.benchmarks import read_rows
-
-    out = []
-    for _rid, row in read_rows(path):
-        question = row.get(question_field)
-        if not isinstance(question, str):
-            continue
-        context = row.get("context") or row.get("CONTEXTS")
-        if isinstance(context, list):
-            context = " ".join(str(c) for c in context)
-        if isinstance(context, str) and context.strip():
-            question = f"{context}\n{question}"
-        out.append(question)
-    if not out:
-        raise InputError(f"decontamination file {path}: no rows with a {question_field!r} text field")
-    return out
 
 
 # -- prompt templates --------------------------------------------------------------------------------

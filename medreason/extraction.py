@@ -24,7 +24,8 @@ and counted separately as a parse failure.
 from __future__ import annotations
 
 import re
-import unicodedata
+
+from medreason.records import normalize_text
 
 METHODS = ("answer_is", "final_answer", "lone_letter", "option_text", "unparsed")
 
@@ -60,14 +61,6 @@ _LONE = re.compile(
 )
 
 
-def normalize(text: str) -> str:
-    """Lowercase, strip accents and punctuation, collapse spaces: for comparing option texts."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c))
-    text = re.sub(r"[^0-9a-z]+", " ", text.lower())
-    return " ".join(text.split())
-
-
 def _valid(letter: str | None, options: dict[str, str]) -> str | None:
     if letter is None:
         return None
@@ -95,10 +88,10 @@ def _by_answer_is(text: str, options: dict[str, str]) -> str | None:
 
 def _text_match(text: str, options: dict[str, str]) -> str | None:
     """The one option whose normalized text occurs in ``text`` (None when none or several)."""
-    haystack = f" {normalize(text)} "
+    haystack = f" {normalize_text(text)} "
     spans: list[tuple[int, int, str]] = []
     for letter, option in options.items():
-        needle = normalize(option)
+        needle = normalize_text(option)
         if not needle:
             continue
         for m in re.finditer(re.escape(f" {needle} "), haystack):

@@ -108,3 +108,24 @@ def make_records(n: int, start: int = 0, dataset: str = "medqa") -> list[dict]:
             "answer": opts[i % 4],
         })
     return rows
+
+
+HUB_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def offline_hub_dataset(monkeypatch: pytest.MonkeyPatch, cache: Path, repo_id: str,
+                        files: dict[str, bytes], sha: str = HUB_SHA) -> str:
+    """A hub dataset as huggingface_hub's own cache lays it out (refs/main -> snapshots/<sha>/),
+    read offline: hf_hub_download resolves it exactly as after a real download. Returns the sha."""
+    from huggingface_hub import constants
+
+    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+    for name, raw in files.items():
+        path = repo / "snapshots" / sha / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(raw)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return sha

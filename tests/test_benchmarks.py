@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from medreason.benchmarks import letter_from_answer_text, load_benchmark, parse_options_string
+from medreason.benchmarks import load_benchmark
 from medreason.config import BenchmarkConfig
 from medreason.errors import InputError
+from medreason.records import parse_options, recover_letter
 
 
 def _bench(path: Path | str, fmt: str = "mcq", **kw) -> BenchmarkConfig:
@@ -38,7 +39,7 @@ def test_shared_eval_files(shared_data: Path, fname: str, fmt: str, count: int, 
     # Every record: gold among its options, the options string parses back to the same map.
     for rec, row in zip(records, raw, strict=True):
         assert rec["answer_letter"] == row["answer_idx"]
-        assert parse_options_string(rec["options"]) == rec["options_map"]
+        assert parse_options(rec["options"]) == rec["options_map"]
     if fmt == "pubmedqa":
         assert records[0]["options_map"] == {"A": "yes", "B": "no", "C": "maybe"}
 
@@ -111,9 +112,9 @@ def test_missing_file_and_offline_hub(tmp_path: Path) -> None:
         load_benchmark(_bench("hub:someone/some-bench/test.jsonl"))
 
 
-def test_letter_from_answer_text() -> None:
+def test_recover_letter() -> None:
     opts = {"A": "Radial nerve", "B": "Axillary nerve", "C": "yes"}
-    assert letter_from_answer_text("(B) Axillary nerve", opts) == "B"
-    assert letter_from_answer_text("Axillary nerve. Explanation: winds around", opts) == "B"
-    assert letter_from_answer_text("The final decision is: yes. Because", opts) == "C"
-    assert letter_from_answer_text("Something else", opts) == ""
+    assert recover_letter("(B) Axillary nerve", opts) == "B"
+    assert recover_letter("Axillary nerve. Explanation: winds around", opts) == "B"
+    assert recover_letter("The final decision is: yes. Because", opts) == "C"
+    assert recover_letter("Something else", opts) == ""

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _fixtures_prepare import make_records
+from _fixtures_prepare import HUB_SHA, make_records, offline_hub_dataset
 
-from medreason import data
+from medreason import data, records
+from medreason.benchmarks import benchmark_questions, load_benchmark
+from medreason.config import BenchmarkConfig
 from medreason.errors import InputError
+from medreason.sources import HubRef, parse_hub
 
 OPTIONS = "Answer Choices:\nA. Deep transverse Perineus\nB. Perinial membrane\nC. Colle's fascia\nD. Sphincter Urethrae"
 
@@ -66,12 +69,37 @@ LETTER_TABLE = [
 
 @pytest.mark.parametrize("case,options,answer,expected", LETTER_TABLE, ids=[c[0] for c in LETTER_TABLE])
 def test_recover_letter(case, options, answer, expected):
-    assert data.recover_letter(answer, data.parse_options(options)) == expected
+    assert records.recover_letter(answer, records.parse_options(options)) == expected
 
 
 def test_parse_options_joins_continuation_lines_and_keeps_letter_order():
-    parsed = data.parse_options("Answer Choices:\nA. first line\n  continued\nB. C. difficile toxin\nC. third")
+    parsed = records.parse_options("Answer Choices:\nA. first line\n  continued\nB. C. difficile toxin\nC. third")
     assert parsed == {"A": "first line continued", "B": "C. difficile toxin", "C": "third"}
+
+
+def test_options_run_to_z_and_training_and_benchmark_labels_agree(tmp_path: Path):
+    # 22 options (K..V did not parse before): the same row through prepare and the benchmark
+    # loader gets the same options and the same gold letter.
+    texts = [f"Drug number {i}" for i in range(22)]
+    options = "Answer Choices:\n" + "\n".join(f"{chr(65 + i)}. {t}" for i, t in enumerate(texts))
+    row = _record(options=options, answer="Drug number 20. Explanation: the twenty-first")
+    parsed = records.parse_options(options)
+    assert list(parsed) == list("ABCDEFGHIJKLMNOPQRSTUV") and parsed["V"] == "Drug number 21"
+    data.add_letters([row])
+    assert row["answer_letter"] == "U"
+    path = tmp_path / "bench.jsonl"
+    path.write_text(json.dumps({k: row[k] for k in data.FIELDS}) + "\n")
+    bench = load_benchmark(BenchmarkConfig(name="b", path=str(path), format="medreason"))[0]
+    assert bench["options_map"] == row["options_map"] and bench["answer_letter"] == row["answer_letter"]
+    assert records.parse_options(records.options_string(parsed)) == parsed
+
+
+def test_option_letter_rule_is_shared():
+    # A colon separator and "(A)" labels open options; an out-of-order letter continues the text.
+    assert records.parse_options("(A) x\nB: y\nD. z") == {"A": "x", "B": "y D. z"}
+    assert records.coerce_options([f"t{i}" for i in range(26)])["Z"] == "t25"
+    with pytest.raises(InputError, match="27 options; between 2 and 26"):
+        records.check_options(records.coerce_options([f"t{i}" for i in range(27)]), "row 1")
 
 
 def test_add_letters_counts_unknown_per_dataset():
@@ -169,6 +197,41 @@ def test_non_utf8_json_file_is_an_input_error_naming_the_file():
         data.parse_bytes(b'[{"question": "caf\xe9"}]', "bad.json")
 
 
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("hub:UCSC-VLAA/MedReason", HubRef("UCSC-VLAA/MedReason")),
+    ("hub:owner/bench/test.jsonl", HubRef("owner/bench", "test.jsonl")),
+    ("hub:owner/bench/data/test.jsonl@v1.0", HubRef("owner/bench", "data/test.jsonl", "v1.0")),
+    ("hub:owner/repo@abc123", HubRef("owner/repo", None, "abc123")),
+])
+def test_one_hub_syntax(uri, expected):
+    assert parse_hub(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["hub:", "hub:owner/repo@", "hub:owner/../x.jsonl"])
+def test_bad_hub_uri(uri):
+    with pytest.raises(InputError, match=r"hub:<owner>/<repo>\[/<file>\]\[@<revision>\]"):
+        parse_hub(uri)
+
+
+def test_hub_source_records_the_commit_read(tmp_path: Path, monkeypatch, caplog):
+    rows = make_records(3)
+    raw = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    offline_hub_dataset(monkeypatch, tmp_path / "hf", "own/medreason", {"ours.jsonl": raw, "sub/b.jsonl": raw})
+    loaded = data.load_source("hub:own/medreason", hub_file="ours.jsonl")  # today's data.source spelling
+    assert len(loaded.rows) == 3
+    assert loaded.provenance == {"kind": "hub", "uri": "hub:own/medreason", "repo_id": "own/medreason",
+                                 "file": "ours.jsonl", "revision_requested": "main", "revision": HUB_SHA}
+    assert "'main', which moves" in caplog.text
+    caplog.clear()
+    pinned = data.load_source(f"hub:own/medreason/sub/b.jsonl@{HUB_SHA}")
+    assert pinned.provenance["revision"] == HUB_SHA and pinned.provenance["file"] == "sub/b.jsonl"
+    assert "which moves" not in caplog.text
+    with pytest.raises(InputError, match="differs from data.hub_revision"):
+        data.load_source(f"hub:own/medreason@{HUB_SHA}", hub_file="ours.jsonl", hub_revision="v2")
+    with pytest.raises(InputError, match="could not download nope.jsonl from hub dataset own/medreason"):
+        data.load_source("hub:own/medreason/nope.jsonl")
+
+
 def test_json_list_and_parquet_load(tmp_path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -248,7 +311,7 @@ def test_decontamination_catches_exact_and_near_duplicates_keeps_unrelated():
 
 def test_decontamination_against_real_benchmark_files(shared_data: Path):
     path = str(shared_data / "eval" / "medqa_test_4opt.jsonl")
-    questions = data.benchmark_questions(path)
+    questions = benchmark_questions(path)
     assert len(questions) == 1273
     index = data.build_benchmark_index({"medqa": questions}, n=8)
     copied = {"uid": "x:1", "question": questions[17].lower()}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medreason.extraction import extract_answer, normalize
+from medreason.extraction import extract_answer
+from medreason.records import normalize_text
 
 FOUR = {"A": "Ethosuximide", "B": "Carbamazepine", "C": "Phenytoin", "D": "Vitamin D deficiency"}
 NERVES = {"A": "Radial nerve", "B": "Axillary nerve", "C": "Musculocutaneous nerve", "D": "Ulnar nerve"}
@@ -62,5 +63,12 @@ def test_no_options_is_unparsed() -> None:
 
 
 def test_normalize() -> None:
-    assert normalize("  Colle's   fascia!") == "colle s fascia"
-    assert normalize("Café-au-lait") == "cafe au lait"
+    # The one normaliser of medreason.records: apostrophes go, accents and punctuation too.
+    assert normalize_text("  Colle's   fascia!") == "colles fascia"
+    assert normalize_text("Café-au-lait") == "cafe au lait"
+
+
+def test_option_text_match_ignores_apostrophes_and_accents() -> None:
+    options = {"A": "Colle's fascia", "B": "Scarpa's fascia", "C": "Café-au-lait spots"}
+    assert extract_answer("It is the colles fascia.", options) == ("A", "option_text")
+    assert extract_answer("Classic cafe au lait spots here", options) == ("C", "option_text")

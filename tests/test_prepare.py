@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from _fixtures_prepare import REPO_ROOT, demo_store, file_mtimes, make_records, run_cli, write_jsonl  # noqa: F401
+from _fixtures_prepare import (  # noqa: F401
+    REPO_ROOT,
+    demo_store,
+    file_mtimes,
+    make_records,
+    offline_hub_dataset,
+    run_cli,
+    write_jsonl,
+)
 
 from medreason.store import MANIFEST, ArtifactStore, check_stage, manifest_hash
 from medreason.tokens import load_split
@@ -124,6 +132,20 @@ def test_decontamination_limit_and_rejects_in_the_stage(cli_inproc, tiny_args, t
     assert stats["rejects"] == {"blank_question": 1}
 
 
+def test_hub_source_revision_in_the_manifest(cli_inproc, tiny_args, tmp_path: Path, monkeypatch):
+    raw = "".join(json.dumps(r) + "\n" for r in make_records(24)).encode()
+    sha = offline_hub_dataset(monkeypatch, tmp_path / "hf", "own/medreason", {"ours.jsonl": raw})
+    store = tmp_path / "store"
+    rc, _, err = cli_inproc("prepare", "--store", store, "--run", "r1", *tiny_args,
+                            "--set", "data.source=hub:own/medreason", "--set", "data.hub_file=ours.jsonl")
+    assert rc == 0, err
+    assert "'main', which moves" in err
+    manifest = json.loads((store / "runs/r1/prepare" / MANIFEST).read_text())
+    assert manifest["data_source"]["revision"] == sha
+    assert manifest["data_source"]["revision_requested"] == "main"
+    assert manifest["metrics"]["n_train"] + manifest["metrics"]["n_eval"] == 24
+
+
 # -- S3 through a real moto server ------------------------------------------------------------------------
 def test_prepare_on_s3(cli_inproc, tiny_args, s3_bucket: str):
     rc, _, err = cli_inproc("prepare", "--store", s3_bucket, "--run", "r1", *tiny_args)
@@ -201,6 +223,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     latin1.write_bytes(json.dumps(make_records(2)).encode().replace(b"fever", b"f\xe9ver"))
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
+    bad_bench = write_jsonl(tmp_path / "bad_bench.jsonl", [
+        {"question": "Q1?", "options": {"A": "x", "B": "y"}, "answer_idx": "A"},
+        {"question": "Q2?", "options": {"A": "x", "B": "y"}, "answer_idx": "E"}])
+    benchmarks = json.dumps([{"name": "b", "path": str(bad_bench), "format": "mcq"}])
     return {
         "unknown key": (["--set", "data.bogus=1"], "data.bogus: unknown key"),
         "wrong type": (["--set", "data.eval_fraction=lots"], "data.eval_fraction"),
@@ -212,11 +238,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "lora rank 0": (["--set", "lora.r=0"], "lora.r"),
         "overlong error": (["--set", "data.max_len_tokens=16", "--set", "data.overlong_policy=error"],
                            "data.overlong_policy=error"),
+        # Evaluate would stop on this row; prepare checks the benchmark files the same way.
+        "benchmark gold letter": (["--set", f"eval.benchmarks={benchmarks}"],
+                                  f"({bad_bench}) row 2: gold answer 'E' is not one of the option letters A, B"),
     }
 
 
 BAD_CASES = ["unknown key", "wrong type", "missing file", "no question", "not utf-8", "empty dataset",
-             "run id", "lora rank 0", "overlong error"]
+             "run id", "lora rank 0", "overlong error", "benchmark gold letter"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
