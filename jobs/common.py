@@ -104,6 +104,9 @@ def exit_codes(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         setup_logging(kwargs.get("verbose", False))
+        from jobs.wait import note_failure, note_start  # a stage's FAILED.json marker
+
+        note_start(func.__name__, kwargs)
         try:
             return func(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -113,6 +116,7 @@ def exit_codes(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_PREEMPTED)
         except (InputError, ValueError) as exc:
             click.echo(f"Error: {exc}", err=True)
+            note_failure(func.__name__, kwargs, str(exc))
             sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
