@@ -306,7 +306,7 @@ def test_whole_pipeline_applies_at_once(rendered: tuple[str, list[dict[str, Any]
         (wait,) = pod["initContainers"]
         args = wait["args"]
         assert wait["image"] == main["image"] and args[0] == "wait", name
-        opts = dict(zip(args[1::2], args[2::2]))
+        opts = dict(zip(args[1::2], args[2::2], strict=True))
         assert opts["--stage"] == INPUT_STAGE[stage] and opts["--for-stage"] == stage, name
         assert float(opts["--timeout-s"]) > 0
         # It reads the same store as the stage: same env, same /store mount when there is one.
@@ -325,7 +325,7 @@ def test_wait_args_parse_with_the_real_command(rendered: tuple[str, list[dict[st
     _, docs = rendered
     for name, (_, spec) in _workloads(docs).items():
         for wait in spec["template"]["spec"].get("initContainers", []):
-            args = [a for a in wait["args"]]
+            args = list(wait["args"])
             i = args.index("--timeout-s")
             args[i + 1] = "0.1"
             proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args, "--run", "r",
