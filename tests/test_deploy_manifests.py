@@ -432,7 +432,8 @@ SLURM_SCRIPTS = sorted(p.name for p in SLURM_DIR.glob("*.sh"))
 
 def test_slurm_scripts_present() -> None:
     assert set(SLURM_SCRIPTS) >= {"common.sh", "prepare.sh", "train.sh", "evaluate.sh",
-                                  "merge.sh", "pipeline.sh", "train_multinode.sh"}
+                                  "merge.sh", "pipeline.sh", "train_multinode.sh", "sweep.sh",
+                                  "sweep_task.sh"}
 
 
 def test_shellcheck_slurm_scripts() -> None:
@@ -445,7 +446,7 @@ def test_shellcheck_slurm_scripts() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("name", ["train.sh", "train_multinode.sh", "evaluate.sh"])
+@pytest.mark.parametrize("name", ["train.sh", "train_multinode.sh", "evaluate.sh", "sweep_task.sh"])
 def test_slurm_preemption_directives(name: str) -> None:
     text = (SLURM_DIR / name).read_text()
     assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M)

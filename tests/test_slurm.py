@@ -384,6 +384,40 @@ def test_mechanics_sweep_rejects_a_bad_file(slurm_cluster: Any, standin: dict) -
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
+def test_mechanics_sweep_task_requeues_alone(slurm_cluster: Any, standin: dict) -> None:
+    """A preemption signal to one array task requeues that task only; it resumes its own run
+    while the other task completes once, untouched."""
+    # Per-task state for the stand-in (its checkpoint marker is per run); task 0 ends at once.
+    per_task = standin["dir"] / "per_task.sh"
+    per_task.write_text(
+        '#!/usr/bin/env bash\n'
+        'export STANDIN_STATE="$STANDIN_STATE/$SLURM_ARRAY_TASK_ID"\n'
+        'mkdir -p "$STANDIN_STATE"\n'
+        '[[ "$SLURM_ARRAY_TASK_ID" == 0 ]] && export STANDIN_EXIT=0\n'
+        f'exec bash {standin["dir"] / "standin.sh"} "$@"\n')
+    sweep = standin["dir"] / "two.txt"
+    sweep.write_text("train.seed=1\ntrain.seed=2\n")
+    env = {**standin["env"], "MEDREASON_CMD": f"bash {per_task}", "MEDREASON_GPUS": "0",
+           "MEDREASON_CPUS_PER_TASK": "1"}
+    proc = slurm_cluster.run("bash", str(SLURM_DIR / "sweep.sh"), str(sweep), "--run", "pre",
+                             env=env, cwd=standin["dir"])
+    array_id = proc.stdout.split()[1]
+    state = standin["state"]
+    _wait_file(state / "1" / "ready")
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", f"{array_id}_1")
+    info = _wait_requeued_job_done(slurm_cluster, f"{array_id}_1", timeout_s=180)
+    assert info["JobState"] == "COMPLETED", info
+    assert info["Restarts"] == "1"
+    log1 = (state / "1" / "log").read_text().splitlines()
+    assert [line.split(" args=")[0] for line in log1] == [
+        "start job=medreason-sweep restart=0", "got USR1",
+        "start job=medreason-sweep restart=1", "resumed from checkpoint"], log1
+    assert all("--run pre-1 --set train.seed=2" in line for line in log1 if "args=" in line)
+    info0 = slurm_cluster.wait_for(f"{array_id}_0", timeout_s=60)
+    assert info0["JobState"] == "COMPLETED" and info0["Restarts"] == "0", info0
+    assert len((state / "0" / "log").read_text().splitlines()) == 1
+
+
 @needs_jobs
 @pytest.mark.slow
 def test_e2e_sweep_of_three_demo_trainings(slurm_cluster: Any, tmp_path: Path, demo_store: Any) -> None:
