@@ -334,12 +334,14 @@ train.learning_rate=1e-3
 
 
 def _sweep_tasks(cluster: Any, array_id: str) -> dict[int, dict[str, str]]:
-    """Array task index -> its `scontrol show job` info, once every task has finished."""
+    """Array task index -> its `scontrol show job` info, for the tasks started so far (the
+    tasks still pending share one record, e.g. ArrayTaskId=1-2)."""
     proc = cluster.run("scontrol", "-o", "show", "job", array_id)
     tasks = {}
     for line in proc.stdout.splitlines():
         info = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-        tasks[int(info["ArrayTaskId"])] = info
+        if info.get("ArrayTaskId", "").isdigit():
+            tasks[int(info["ArrayTaskId"])] = info
     return tasks
 
 
