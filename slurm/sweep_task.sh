@@ -3,7 +3,7 @@
 # hand). Task i takes the i-th override line of the sweep file snapshot and runs
 #   medreason pipeline --until $MEDREASON_SWEEP_UNTIL --run <base>-<i> --set ... [options]
 # (prepare -> train -> evaluate by default). Each array task is its own SLURM job: the
-# preemption signal, exit 75 and `scontrol requeue $SLURM_JOB_ID` (common.sh) act on this
+# preemption signal, exit 75 and `scontrol requeue <array id>_<task id>` (common.sh) act on this
 # task alone, and a requeued task resumes its own run from its newest checkpoint.
 # Arguments: SNAPSHOT BASE_RUN [pipeline options...]
 #SBATCH --job-name=medreason-sweep

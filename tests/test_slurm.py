@@ -415,8 +415,11 @@ def test_mechanics_sweep_task_requeues_alone(slurm_cluster: Any, standin: dict) 
         "start job=medreason-sweep restart=0", "got USR1",
         "start job=medreason-sweep restart=1", "resumed from checkpoint"], log1
     assert all("--run pre-1 --set train.seed=2" in line for line in log1 if "args=" in line)
-    info0 = slurm_cluster.wait_for(f"{array_id}_0", timeout_s=60)
+    # Task 0 ran once: requeueing task 1 by the bare array id would have rerun it too.
+    info0 = _sweep_tasks(slurm_cluster, array_id)[0]
     assert info0["JobState"] == "COMPLETED" and info0["Restarts"] == "0", info0
+    out0 = "\n".join(p.read_text() for p in standin["dir"].glob("medreason-sweep-*_0.out"))
+    assert out0.count("stage=sweep[0]") == 1 and "requeueing" not in out0, out0
     assert len((state / "0" / "log").read_text().splitlines()) == 1
 
 
