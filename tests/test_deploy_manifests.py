@@ -367,6 +367,13 @@ def test_multinode_train_is_an_all_or_nothing_jobset(rendered: tuple[str, list[d
                  "--main_process_ip \"$MAIN_PROCESS_IP\"", "--rdzv_backend c10d",
                  "--max_restarts 0", "-m jobs.train"):
         assert flag in script
+    # Every launcher flag is one `accelerate launch` knows (a typo would stop every pod).
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    from accelerate.commands.launch import launch_command_parser
+
+    options = {o for action in launch_command_parser()._actions for o in action.option_strings}
+    launcher = script.split(" -m ", 1)[0]
+    assert set(re.findall(r"(--\w+)", launcher)) <= options
     # It replaced the single-node train Job.
     assert not any(d["kind"] == "Job" and d["metadata"]["name"] == js["metadata"]["name"]
                    for d in docs)
