@@ -439,8 +439,11 @@ def test_e2e_sweep_of_three_demo_trainings(slurm_cluster: Any, tmp_path: Path, d
                              "--store", str(store), "--run", "sw", *E2E_SETS, env=env, cwd=tmp_path)
     array_id = proc.stdout.split()[1]
     deadline = time.monotonic() + 1500
+    tasks: dict[int, dict[str, str]] = {}
     while True:
-        tasks = _sweep_tasks(slurm_cluster, array_id)
+        # Accumulated: slurmctld forgets a finished task after MinJobAge (300 s), long before
+        # the last of three CPU trainings ends.
+        tasks.update(_sweep_tasks(slurm_cluster, array_id))
         if len(tasks) == 3 and all(t["JobState"] in FINISHED_STATES for t in tasks.values()):
             break
         assert time.monotonic() < deadline, tasks
