@@ -18,6 +18,7 @@ _COMMANDS = {
     "evaluate": ("jobs.evaluate", "evaluate", "Generate answers and score accuracy; write a report."),
     "merge": ("jobs.merge", "merge", "Fold the adapter into the base, check parity, export."),
     "generate": ("jobs.generate", "generate", "Answer questions with a run's model."),
+    "wait": ("jobs.wait", "wait", "Wait until a stage of a run is committed (exit 2: timeout or failed for good)."),
     "pipeline": ("jobs.pipeline", "pipeline", "prepare -> train -> evaluate -> merge, skipping committed stages."),
 }
 

@@ -122,6 +122,9 @@ def exit_codes(func: Callable[..., Any]) -> Callable[..., Any]:
 
             return scrub(text, uri)
 
+        from jobs.wait import note_failure, note_start  # a stage's FAILED.json marker
+
+        note_start(func.__name__, kwargs)
         try:
             return func(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -131,6 +134,7 @@ def exit_codes(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_PREEMPTED)
         except (InputError, ValueError) as exc:
             click.echo(f"Error: {safe(str(exc))}", err=True)
+            note_failure(func.__name__, kwargs, safe(str(exc)))
             sys.exit(EXIT_BAD_INPUT)
         except StoreUnavailable as exc:
             click.echo(f"Error: {safe(str(exc))} (exit {EXIT_FAILURE}: retry later)", err=True)

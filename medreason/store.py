@@ -837,3 +837,30 @@ def check_stage(
         f"{stage} of run {run_id!r} is already committed at {store.display(rel)} with a different "
         f"{what}; pass --force to redo it, or use a new --run id"
     )
+
+
+# -- permanent failures ------------------------------------------------------------------------
+FAILED = "FAILED.json"
+
+
+def record_failure(store: ArtifactStore, rel: str, reason: str) -> None:
+    """Mark a stage folder as failed for good (a job exited 2), so a stage waiting on it
+    (`medreason wait`) stops at once instead of at its timeout. A commit wins over the marker;
+    the next start of the stage removes it (clear_failure)."""
+    store.write_json(f"{rel}/{FAILED}", {"reason": reason, "failed_at": now_iso()})
+
+
+def read_failure(store: ArtifactStore, rel: str) -> dict[str, Any] | None:
+    """The recorded permanent failure of a stage folder, or None."""
+    try:
+        return json.loads(store.read_bytes(f"{rel}/{FAILED}"))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # unreadable marker: still a failure, reason unknown
+        return {"reason": f"unreadable {FAILED}", "failed_at": None}
+
+
+def clear_failure(store: ArtifactStore, rel: str) -> None:
+    """Remove a stage's failure marker (the stage is being started again)."""
+    if store.exists(f"{rel}/{FAILED}"):
+        store.fs.rm(store.full(f"{rel}/{FAILED}"))

@@ -176,9 +176,13 @@ medreason_finish() {
         medreason_log "exit $rc: already restarted $restarts time(s), cap $cap reached: not requeueing"
         return "$rc"
     fi
-    medreason_log "exit $rc: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $cap)"
+    # An array task is named <array job id>_<task id>: its own SLURM_JOB_ID can equal the
+    # array's job id, and `scontrol requeue <array job id>` requeues every task of the array.
+    local job="$SLURM_JOB_ID"
+    [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]] && job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    medreason_log "exit $rc: requeueing job $job (restart $((restarts + 1)) of at most $cap)"
     # SLURM ends this run when the requeue lands; the exit code below is for the log.
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
+    if ! scontrol requeue "$job"; then
         medreason_log "scontrol requeue failed (is the partition's JobRequeue off?)"
     fi
     return "$rc"

@@ -2,7 +2,11 @@
 # medreason train across several nodes: one srun task per node, each running
 # `accelerate launch` with one process per GPU of its node (accelerate_configs/multi_node.yaml,
 # or MEDREASON_ACCELERATE_CONFIG, e.g. accelerate_configs/fsdp.yaml). The first node of the
-# allocation hosts the rendezvous (static, port MEDREASON_MAIN_PORT, default 29500).
+# allocation (`scontrol show hostnames`) hosts a c10d rendezvous on port MEDREASON_MAIN_PORT
+# (default 29500). A worker crash restarts the workers of every node through that rendezvous
+# at most MEDREASON_MAX_RESTARTS times (torchrun --max_restarts, default 3; each restart
+# resumes from the newest committed checkpoint); a launcher that gives up ends its srun task,
+# and --kill-on-bad-exit=1 ends the others instead of leaving them in the rendezvous.
 # Submit from the repository root; arguments go to the job:
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/train_multinode.sh --preset phi2-bf16 --run my-run
 # Every #SBATCH value below is a default: a flag on the sbatch command line wins.
@@ -38,10 +42,12 @@ launch_args=(
     --num_processes "$((nodes * procs_per_node))"
     --main_process_ip "$main_ip"
     --main_process_port "${MEDREASON_MAIN_PORT:-29500}"
+    --rdzv_backend c10d
+    --max_restarts "${MEDREASON_MAX_RESTARTS:-3}"
     -m jobs.train "$@"
 )
 MEDREASON_FORWARD_AS=TERM
-medreason_log "nodes=$nodes processes/node=$procs_per_node main=$main_ip config=$config"
+medreason_log "nodes=$nodes processes/node=$procs_per_node rendezvous=c10d@$main_ip max_restarts=${MEDREASON_MAX_RESTARTS:-3} config=$config"
 
 # The machine rank differs per node, so it must be expanded by each task, not here: the
 # single-quoted script sees $SLURM_PROCID (0..nodes-1) of its own task. Its arguments are

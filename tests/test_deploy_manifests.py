@@ -3,7 +3,9 @@
 - accelerate_configs/*.yaml load through accelerate's own config classes (unknown keys are an
   error there) with the expected distributed type; cpu.yaml really starts two gloo ranks.
 - k8s/overlays/* render with `kubectl kustomize`, every rendered document passes
-  `kubernetes-validate --strict`, and the Jobs keep the properties the design relies on.
+  `kubernetes-validate --strict` (a JobSet: its own fields against the JobSet CRD's schema in
+  tests/schemas/, its Job template as a Job), and the Jobs keep the properties the design
+  relies on: the whole pipeline applies at once, each stage waiting for its input.
 - slurm/*.sh pass shellcheck; the Dockerfile passes hadolint and keeps its contract.
 
 Each tool check skips, saying which tool is missing, only where that tool is not installed.
@@ -27,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ACCEL_DIR = REPO_ROOT / "accelerate_configs"
 K8S_DIR = REPO_ROOT / "k8s"
 SLURM_DIR = REPO_ROOT / "slurm"
-OVERLAYS = ("pvc", "s3")
+OVERLAYS = ("pvc", "s3", "s3-multinode-kueue")
 GPU_STAGES = ("train", "evaluate", "merge")
 # Kubernetes version to validate against: old enough for what clusters run today, new enough
 # for podReplacementPolicy; shipped by every kubernetes-validate release from 1.30 on.
@@ -128,12 +130,24 @@ def test_cpu_config_starts_two_gloo_ranks(tmp_path: Path) -> None:
 
 
 # -- kubernetes ---------------------------------------------------------------------------------
+# Overlays: the store on a PVC or in S3; and the shared-cluster one (multi-node JobSet train,
+# Kueue queue + priority on every workload).
+KUEUE_OVERLAYS = ("s3-multinode-kueue",)
+JOBSET_SCHEMA = Path(__file__).resolve().parent / "schemas" / "jobset.x-k8s.io_jobsets.v1alpha2.yaml"
+# Each stage and the stage it waits for (None: it starts at once).
+INPUT_STAGE = {"prepare": None, "train": "prepare", "evaluate": "train", "merge": "train"}
+
+
 def _render(overlay: str) -> list[dict[str, Any]]:
     kubectl = _tool("kubectl", "a kubectl binary with built-in kustomize")
     proc = subprocess.run([kubectl, "kustomize", str(K8S_DIR / "overlays" / overlay)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def test_every_overlay_is_tested() -> None:
+    assert sorted(p.name for p in (K8S_DIR / "overlays").iterdir()) == sorted(OVERLAYS)
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -157,44 +171,104 @@ def _k8s_version() -> str:
     return ".".join(map(str, shipped[-1]))
 
 
-def test_overlay_validates_strict(rendered: tuple[str, list[dict[str, Any]]], tmp_path: Path) -> None:
-    overlay, docs = rendered
+def _jobset_child_jobs(jobset: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each replicatedJob's template as the batch/v1 Job the JobSet controller creates."""
+    return [{"apiVersion": "batch/v1", "kind": "Job",
+             "metadata": {"name": f"{jobset['metadata']['name']}-{rj['name']}-0",
+                          **rj["template"].get("metadata", {})},
+             "spec": rj["template"]["spec"]} for rj in jobset["spec"]["replicatedJobs"]]
+
+
+def _validate_strict(docs: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess:
     validator = _tool("kubernetes-validate", "pip install kubernetes-validate")
-    out = tmp_path / f"{overlay}.yaml"
+    out = tmp_path / "docs.yaml"
     out.write_text(yaml.safe_dump_all(docs))
-    proc = subprocess.run([validator, "--strict", "--quiet", "-k", _k8s_version(), str(out)],
+    return subprocess.run([validator, "--strict", "--quiet", "-k", _k8s_version(), str(out)],
                           capture_output=True, text=True, timeout=120)
+
+
+def _jobset_errors(doc: dict[str, Any]) -> list[str]:
+    jsonschema = pytest.importorskip("jsonschema", reason="pip install jsonschema")
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(JOBSET_SCHEMA.read_text()))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_overlay_validates_strict(rendered: tuple[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """Built-in kinds through kubernetes-validate --strict; a JobSet's own fields against the
+    JobSet CRD's schema and its Job templates, as Jobs, through kubernetes-validate."""
+    overlay, docs = rendered
+    jobsets = [d for d in docs if d["kind"] == "JobSet"]
+    for jobset in jobsets:
+        assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
+        assert _jobset_errors(jobset) == []
+    builtin = [d for d in docs if d["kind"] != "JobSet"]
+    builtin += [job for js in jobsets for job in _jobset_child_jobs(js)]
+    proc = _validate_strict(builtin, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    kinds = sorted({doc["kind"] for doc in docs})
-    assert {"ConfigMap", "Job", "Service"} <= set(kinds)
+    assert {"ConfigMap", "Job"} <= {doc["kind"] for doc in docs}
+    assert bool(jobsets) == ("multinode" in overlay)
 
 
-def _jobs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
+@pytest.mark.parametrize("mutate, where", [
+    (lambda js: js["spec"]["failurePolicy"].update(maxRestart=3), "failurePolicy"),
+    (lambda js: js["spec"]["failurePolicy"]["rules"][0].update(action="Restart"), "action"),
+    (lambda js: js["spec"]["network"].update(enableDNSHostnames="yes"), "enableDNSHostnames"),
+    (lambda js: js["spec"]["replicatedJobs"][0].pop("template"), "template"),
+])
+def test_jobset_schema_rejects_a_broken_jobset(mutate, where: str) -> None:
+    """The vendored schema bites: a typo'd field, a bad enum, a wrong type, a missing field."""
+    jobset = next(d for d in _render("s3-multinode-kueue") if d["kind"] == "JobSet")
+    assert _jobset_errors(jobset) == []
+    mutate(jobset)
+    errors = _jobset_errors(jobset)
+    assert errors and any(where in e for e in errors), errors
+
+
+def test_kubernetes_validate_rejects_a_broken_jobset_pod(tmp_path: Path) -> None:
+    jobset = next(d for d in _render("s3-multinode-kueue") if d["kind"] == "JobSet")
+    (job,) = _jobset_child_jobs(jobset)
+    job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = "Sometimes"
+    job["spec"]["template"]["spec"]["containers"][0]["cpus"] = 4
+    assert _validate_strict([job], tmp_path).returncode != 0
+
+
+def _workloads(docs: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """name -> (the Job or JobSet, the spec of a Job it runs): JobSets through their one
+    replicatedJob."""
+    out = {}
+    for doc in docs:
+        if doc["kind"] == "Job":
+            out[doc["metadata"]["name"]] = (doc, doc["spec"])
+        elif doc["kind"] == "JobSet":
+            (rjob,) = doc["spec"]["replicatedJobs"]
+            out[doc["metadata"]["name"]] = (doc, rjob["template"]["spec"])
+    return out
 
 
 def test_jobs_keep_failure_and_security_contract(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     _, docs = rendered
-    jobs = _jobs(docs)
-    assert set(jobs) == {f"medreason-{s}" for s in ("prepare", "train", "evaluate", "merge",
-                                                    "train-multinode")}
-    for name, job in jobs.items():
-        spec = job["spec"]
+    workloads = _workloads(docs)
+    assert set(workloads) == {f"medreason-{s}" for s in INPUT_STAGE}
+    for name, (doc, spec) in workloads.items():
         pod = spec["template"]["spec"]
         (container,) = pod["containers"]
-        assert spec["backoffLimit"] >= 1 and spec["ttlSecondsAfterFinished"] > 0, name
         assert pod["restartPolicy"] == "Never", name
         rules = spec["podFailurePolicy"]["rules"]
         by_action = {r["action"]: r for r in rules}
-        assert by_action["FailJob"]["onExitCodes"]["values"] == [2], name
-        assert by_action["FailJob"]["onExitCodes"]["containerName"] == container["name"]
-        assert by_action["Ignore"]["onPodConditions"][0]["type"] == "DisruptionTarget", name
-        assert 75 in by_action["Count"]["onExitCodes"]["values"], name
+        # Exit 2 fails the Job whichever container (the wait init container too) exits so.
+        assert by_action["FailJob"]["onExitCodes"] == {"operator": "In", "values": [2]}, name
+        if doc["kind"] == "Job":
+            assert spec["backoffLimit"] >= 1 and spec["ttlSecondsAfterFinished"] > 0, name
+            assert by_action["Ignore"]["onPodConditions"][0]["type"] == "DisruptionTarget", name
+            assert 75 in by_action["Count"]["onExitCodes"]["values"], name
+            assert "containerName" not in by_action["Count"]["onExitCodes"], name
+        for c in [container, *pod.get("initContainers", [])]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True
         # Restricted pod security.
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        sc = container["securityContext"]
-        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
         assert pod["automountServiceAccountToken"] is False
         # /dev/shm is a memory emptyDir.
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -211,36 +285,113 @@ def test_jobs_keep_failure_and_security_contract(rendered: tuple[str, list[dict[
             assert gpu is None and "nvidia.com/gpu" not in res.get("requests", {})
         else:
             assert int(gpu) >= 1 and res["requests"]["nvidia.com/gpu"] == gpu, name
-    # Only prepare starts on apply; the others wait, suspended, for their input stage.
-    assert not jobs["medreason-prepare"]["spec"].get("suspend", False)
-    for name in ("train", "evaluate", "merge", "train-multinode"):
-        assert jobs[f"medreason-{name}"]["spec"]["suspend"] is True
-    for stage in ("prepare",) + GPU_STAGES:
-        args = jobs[f"medreason-{stage}"]["spec"]["template"]["spec"]["containers"][0]["args"]
-        assert args[0] == stage and "--config" in args
 
 
-def test_multinode_train_is_indexed_with_headless_service(
-        rendered: tuple[str, list[dict[str, Any]]]) -> None:
+def test_whole_pipeline_applies_at_once(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    """No workload is created suspended (Kueue owns `suspend`); every downstream one waits,
+    in an init container, for its input stage's commit in the store, and passes a failure on."""
     _, docs = rendered
-    job = _jobs(docs)["medreason-train-multinode"]
-    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
-    spec, pod = job["spec"], job["spec"]["template"]["spec"]
-    assert spec["completionMode"] == "Indexed"
-    assert spec["completions"] == spec["parallelism"] >= 2
-    service = services[pod["subdomain"]]
-    assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    for name, (doc, spec) in _workloads(docs).items():
+        stage = name.removeprefix("medreason-")
+        assert "suspend" not in doc["spec"] and "suspend" not in spec, name
+        pod = spec["template"]["spec"]
+        main = pod["containers"][0]
+        if doc["kind"] == "Job":
+            assert main["args"][0] == stage and "--config" in main["args"]
+        else:
+            assert f"-m jobs.{stage}" in " ".join(main["args"])
+        if INPUT_STAGE[stage] is None:
+            assert "initContainers" not in pod, name
+            continue
+        (wait,) = pod["initContainers"]
+        args = wait["args"]
+        assert wait["image"] == main["image"] and args[0] == "wait", name
+        opts = dict(zip(args[1::2], args[2::2], strict=True))
+        assert opts["--stage"] == INPUT_STAGE[stage] and opts["--for-stage"] == stage, name
+        assert float(opts["--timeout-s"]) > 0
+        # It reads the same store as the stage: same env, same /store mount when there is one.
+        assert [e.get("configMapRef", e.get("secretRef")) for e in wait["envFrom"]] == [
+            e.get("configMapRef", e.get("secretRef")) for e in main["envFrom"][:2]]
+        main_mounts = {m["mountPath"] for m in main["volumeMounts"]}
+        wait_mounts = {m["mountPath"] for m in wait["volumeMounts"]}
+        assert ("/store" in main_mounts) == ("/store" in wait_mounts), name
+
+
+def test_wait_args_parse_with_the_real_command(rendered: tuple[str, list[dict[str, Any]]],
+                                               tmp_path: Path) -> None:
+    """The init containers' arguments are ones `medreason wait` takes: run them against an
+    empty store with a short timeout; the exit is 2 for the timeout, not for usage."""
+    pytest.importorskip("click")
+    _, docs = rendered
+    for name, (_, spec) in _workloads(docs).items():
+        for wait in spec["template"]["spec"].get("initContainers", []):
+            args = list(wait["args"])
+            i = args.index("--timeout-s")
+            args[i + 1] = "0.1"
+            proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args, "--run", "r",
+                                   "--store", str(tmp_path), "--poll-s", "0.05"],
+                                  cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 2 and "not committed" in proc.stderr, (name, proc.stderr)
+
+
+def test_multinode_train_is_an_all_or_nothing_jobset(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    overlay, docs = rendered
+    jobsets = [d for d in docs if d["kind"] == "JobSet"]
+    if "multinode" not in overlay:
+        pytest.skip(f"{overlay} has no multi-node train")
+    (js,) = jobsets
+    spec = js["spec"]
+    (rjob,) = spec["replicatedJobs"]
+    job = rjob["template"]["spec"]
+    pod = job["template"]["spec"]
+    # Whole-group restarts, bounded; exit 2 (FailJob -> reason PodFailurePolicy) ends the set.
+    assert 1 <= spec["failurePolicy"]["maxRestarts"] <= 20
+    (rule,) = spec["failurePolicy"]["rules"]
+    assert rule["action"] == "FailJobSet" and rule["onJobFailureReasons"] == ["PodFailurePolicy"]
+    assert job["backoffLimit"] == 0  # one failed pod fails its Job: the JobSet restarts all
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] >= 2
+    # The leader's address from JobSet's DNS: <jobset>-<rjob>-0-0.<subdomain>.
+    assert spec["network"]["enableDNSHostnames"] is True
     container = pod["containers"][0]
     env = {e["name"]: e for e in container["env"]}
+    assert env["MAIN_PROCESS_IP"]["value"] == (
+        f"{js['metadata']['name']}-{rjob['name']}-0-0.{spec['network']['subdomain']}")
     assert env["MACHINE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']")
-    assert env["MAIN_PROCESS_IP"]["value"] == f"{job['metadata']['name']}-0.{pod['subdomain']}"
-    assert env["NNODES"]["value"] == str(spec["completions"])
+    assert env["NNODES"]["value"] == str(job["completions"])
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert env["GPUS_PER_NODE"]["value"] == str(gpus)
     script = " ".join(container["args"])
-    for flag in ("--machine_rank \"$MACHINE_RANK\"", "--main_process_ip \"$MAIN_PROCESS_IP\"",
-                 "-m jobs.train"):
+    for flag in ("exec accelerate launch", "--machine_rank \"$MACHINE_RANK\"",
+                 "--main_process_ip \"$MAIN_PROCESS_IP\"", "--rdzv_backend c10d",
+                 "--max_restarts 0", "-m jobs.train"):
         assert flag in script
+    # Every launcher flag is one `accelerate launch` knows (a typo would stop every pod).
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    from accelerate.commands.launch import launch_command_parser
+
+    options = {o for action in launch_command_parser()._actions for o in action.option_strings}
+    launcher = script.split(" -m ", 1)[0]
+    assert set(re.findall(r"(--\w+)", launcher)) <= options
+    # It replaced the single-node train Job.
+    assert not any(d["kind"] == "Job" and d["metadata"]["name"] == js["metadata"]["name"]
+                   for d in docs)
+
+
+def test_kueue_queue_and_priority_on_every_workload(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    overlay, docs = rendered
+    classes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PriorityClass"}
+    for name, (doc, spec) in _workloads(docs).items():
+        labels = doc["metadata"].get("labels", {})
+        pod = spec["template"]["spec"]
+        if overlay not in KUEUE_OVERLAYS:
+            assert "kueue.x-k8s.io/queue-name" not in labels and "priorityClassName" not in pod
+            continue
+        assert labels["kueue.x-k8s.io/queue-name"], name
+        assert pod["priorityClassName"] in classes, name
+    for pc in classes.values():
+        assert pc["globalDefault"] is False and 0 < pc["value"] < 1_000_000_000
 
 
 def test_overlay_store(rendered: tuple[str, list[dict[str, Any]]]) -> None:
@@ -248,21 +399,21 @@ def test_overlay_store(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     env_cm = next(d for d in docs if d["kind"] == "ConfigMap"
                   and d["metadata"]["name"].startswith("medreason-env"))
     store = env_cm["data"]["MEDREASON_STORE"]
-    for job in _jobs(docs).values():
-        pod = job["spec"]["template"]["spec"]
-        container = pod["containers"][0]
-        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    for _, spec in _workloads(docs).values():
+        pod = spec["template"]["spec"]
         volumes = {v["name"]: v for v in pod["volumes"]}
-        s3_ref = next(e["secretRef"] for e in container["envFrom"]
-                      if e.get("secretRef", {}).get("name") == "medreason-s3")
-        if overlay == "pvc":
-            assert store == "/store"
-            claim = volumes[mounts["/store"]]["persistentVolumeClaim"]["claimName"]
-            assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim
-                       for d in docs)
-        else:
-            assert store.startswith("s3://") and "/store" not in mounts
-            assert s3_ref["optional"] is False
+        for container in [*pod["containers"], *pod.get("initContainers", [])]:
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            s3_ref = next(e["secretRef"] for e in container["envFrom"]
+                          if e.get("secretRef", {}).get("name") == "medreason-s3")
+            if overlay == "pvc":
+                assert store == "/store"
+                claim = volumes[mounts["/store"]]["persistentVolumeClaim"]["claimName"]
+                assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim
+                           for d in docs)
+            else:
+                assert store.startswith("s3://") and "/store" not in mounts
+                assert s3_ref["optional"] is False
 
 
 def test_run_config_is_a_valid_medreason_config() -> None:
@@ -288,7 +439,8 @@ SLURM_SCRIPTS = sorted(p.name for p in SLURM_DIR.glob("*.sh"))
 
 def test_slurm_scripts_present() -> None:
     assert set(SLURM_SCRIPTS) >= {"common.sh", "prepare.sh", "train.sh", "evaluate.sh",
-                                  "merge.sh", "pipeline.sh", "train_multinode.sh"}
+                                  "merge.sh", "pipeline.sh", "train_multinode.sh", "sweep.sh",
+                                  "sweep_task.sh"}
 
 
 def test_shellcheck_slurm_scripts() -> None:
@@ -301,7 +453,7 @@ def test_shellcheck_slurm_scripts() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("name", ["train.sh", "train_multinode.sh", "evaluate.sh"])
+@pytest.mark.parametrize("name", ["train.sh", "train_multinode.sh", "evaluate.sh", "sweep_task.sh"])
 def test_slurm_preemption_directives(name: str) -> None:
     text = (SLURM_DIR / name).read_text()
     assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M)

@@ -199,6 +199,7 @@ def test_mechanics_multinode_rank_wiring(slurm_cluster: Any, standin: dict) -> N
     args = line.split("args=", 1)[1]
     assert "--num_machines 1 --num_processes 1" in args
     assert "--main_process_ip localhost --main_process_port 29555" in args
+    assert "--rdzv_backend c10d --max_restarts 3" in args
     assert "--machine_rank 0" in args
     assert args.endswith("-m jobs.train --preset demo --run r4")
     assert "accelerate_configs/multi_node.yaml" in args
@@ -320,3 +321,141 @@ def test_e2e_train_preempted_requeued_resumes(slurm_cluster: Any, tmp_path: Path
     manifest = json.loads((store / "runs" / "pre" / "train" / "MANIFEST.json").read_text())
     assert E2E_STEPS in _steps_in(manifest), (
         f"train manifest does not record {E2E_STEPS} steps: {json.dumps(manifest)[:2000]}")
+
+
+# -- sweeps: one job array, one run per override line ---------------------------------------------
+SWEEP_FILE = """# learning-rate sweep
+train.learning_rate=1e-4
+
+train.learning_rate=3e-4 train.seed=7
+  # indented comment
+train.learning_rate=1e-3
+"""
+
+
+def _sweep_tasks(cluster: Any, array_id: str) -> dict[int, dict[str, str]]:
+    """Array task index -> its `scontrol show job` info, for the tasks started so far (the
+    tasks still pending share one record, e.g. ArrayTaskId=1-2)."""
+    proc = cluster.run("scontrol", "-o", "show", "job", array_id)
+    tasks = {}
+    for line in proc.stdout.splitlines():
+        info = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+        if info.get("ArrayTaskId", "").isdigit():
+            tasks[int(info["ArrayTaskId"])] = info
+    return tasks
+
+
+def test_mechanics_sweep_is_one_array_with_a_run_per_line(slurm_cluster: Any, standin: dict) -> None:
+    sweep = standin["dir"] / "lr.txt"
+    sweep.write_text(SWEEP_FILE)
+    env = {**standin["env"], "STANDIN_EXIT": "0", "MEDREASON_GPUS": "0",
+           "MEDREASON_CPUS_PER_TASK": "1", "MEDREASON_SWEEP_MAX_PARALLEL": "2"}
+    proc = slurm_cluster.run("bash", str(SLURM_DIR / "sweep.sh"), str(sweep), "--preset", "demo",
+                             "--run", "lr", "--store", "/tmp/nowhere", env=env, cwd=standin["dir"])
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("sweep ") and len(lines) == 4, proc.stdout
+    array_id = lines[0].split()[1]
+    assert lines[1:] == ["0 lr-0 train.learning_rate=1e-4",
+                         "1 lr-1 train.learning_rate=3e-4 train.seed=7",
+                         "2 lr-2 train.learning_rate=1e-3"]
+    info = slurm_cluster.job_info(array_id)
+    assert "%2" in info.get("ArrayTaskId", "") or info.get("ArrayTaskThrottle") == "2", info
+    deadline = time.monotonic() + 120
+    while len(log := (standin["state"] / "log").read_text().splitlines()
+               if (standin["state"] / "log").exists() else []) < 3:
+        assert time.monotonic() < deadline, log
+        time.sleep(0.5)
+    slurm_cluster.wait_for(array_id, timeout_s=60)
+    by_run = {line.split("--run ", 1)[1].split()[0]: line for line in log}
+    assert sorted(by_run) == ["lr-0", "lr-1", "lr-2"]
+    assert "--set train.learning_rate=3e-4 --set train.seed=7" in by_run["lr-1"]
+    # MEDREASON_CMD stands in for `medreason pipeline`: the arguments are the pipeline's.
+    assert all("args=--until evaluate --preset demo --store /tmp/nowhere --run lr-" in line
+               for line in log), log
+    assert all("job=medreason-sweep" in line for line in log)
+
+
+def test_mechanics_sweep_rejects_a_bad_file(slurm_cluster: Any, standin: dict) -> None:
+    bad = standin["dir"] / "bad.txt"
+    bad.write_text("train.learning_rate=1e-4 oops\n")
+    proc = slurm_cluster.run("bash", str(SLURM_DIR / "sweep.sh"), str(bad), "--run", "x",
+                             env=standin["env"], cwd=standin["dir"], check=False)
+    assert proc.returncode == 2 and "'oops' is not KEY=VALUE" in proc.stderr
+    proc = slurm_cluster.run("bash", str(SLURM_DIR / "sweep.sh"), str(standin["dir"] / "none"),
+                             env=standin["env"], cwd=standin["dir"], check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_mechanics_sweep_task_requeues_alone(slurm_cluster: Any, standin: dict) -> None:
+    """A preemption signal to one array task requeues that task only; it resumes its own run
+    while the other task completes once, untouched."""
+    # Per-task state for the stand-in (its checkpoint marker is per run); task 0 ends at once.
+    per_task = standin["dir"] / "per_task.sh"
+    per_task.write_text(
+        '#!/usr/bin/env bash\n'
+        'export STANDIN_STATE="$STANDIN_STATE/$SLURM_ARRAY_TASK_ID"\n'
+        'mkdir -p "$STANDIN_STATE"\n'
+        '[[ "$SLURM_ARRAY_TASK_ID" == 0 ]] && export STANDIN_EXIT=0\n'
+        f'exec bash {standin["dir"] / "standin.sh"} "$@"\n')
+    sweep = standin["dir"] / "two.txt"
+    sweep.write_text("train.seed=1\ntrain.seed=2\n")
+    env = {**standin["env"], "MEDREASON_CMD": f"bash {per_task}", "MEDREASON_GPUS": "0",
+           "MEDREASON_CPUS_PER_TASK": "1"}
+    proc = slurm_cluster.run("bash", str(SLURM_DIR / "sweep.sh"), str(sweep), "--run", "pre",
+                             env=env, cwd=standin["dir"])
+    array_id = proc.stdout.split()[1]
+    state = standin["state"]
+    _wait_file(state / "1" / "ready")
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", f"{array_id}_1")
+    info = _wait_requeued_job_done(slurm_cluster, f"{array_id}_1", timeout_s=180)
+    assert info["JobState"] == "COMPLETED", info
+    assert info["Restarts"] == "1"
+    log1 = (state / "1" / "log").read_text().splitlines()
+    assert [line.split(" args=")[0] for line in log1] == [
+        "start job=medreason-sweep restart=0", "got USR1",
+        "start job=medreason-sweep restart=1", "resumed from checkpoint"], log1
+    assert all("--run pre-1 --set train.seed=2" in line for line in log1 if "args=" in line)
+    # Task 0 ran once: requeueing task 1 by the bare array id would have rerun it too.
+    info0 = _sweep_tasks(slurm_cluster, array_id)[0]
+    assert info0["JobState"] == "COMPLETED" and info0["Restarts"] == "0", info0
+    out0 = "\n".join(p.read_text() for p in standin["dir"].glob("medreason-sweep-*_0.out"))
+    assert out0.count("stage=sweep[0]") == 1 and "requeueing" not in out0, out0
+    assert len((state / "0" / "log").read_text().splitlines()) == 1
+
+
+@needs_jobs
+@pytest.mark.slow
+def test_e2e_sweep_of_three_demo_trainings(slurm_cluster: Any, tmp_path: Path, demo_store: Any) -> None:
+    """A 3-task array of tiny demo trainings (prepare -> train -> evaluate each) runs to the
+    end; each run commits its evaluation, and the headline metrics are listed per run."""
+    store = tmp_path / "store"
+    copy_model_cache(demo_store, store)
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("train.learning_rate=1e-4\ntrain.learning_rate=1e-3\n"
+                     "train.learning_rate=1e-2\n")
+    env = {**_e2e_env(tmp_path), "MEDREASON_GPUS": "0",
+           "MEDREASON_CPUS_PER_TASK": str(slurm_cluster.cpus)}
+    proc = slurm_cluster.run("bash", str(SLURM_DIR / "sweep.sh"), str(sweep), "--preset", "demo",
+                             "--store", str(store), "--run", "sw", *E2E_SETS, env=env, cwd=tmp_path)
+    array_id = proc.stdout.split()[1]
+    deadline = time.monotonic() + 1500
+    tasks: dict[int, dict[str, str]] = {}
+    while True:
+        # Accumulated: slurmctld forgets a finished task after MinJobAge (300 s), long before
+        # the last of three CPU trainings ends.
+        tasks.update(_sweep_tasks(slurm_cluster, array_id))
+        if len(tasks) == 3 and all(t["JobState"] in FINISHED_STATES for t in tasks.values()):
+            break
+        assert time.monotonic() < deadline, tasks
+        time.sleep(2)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("medreason-sweep-*.out"))
+    assert all(t["JobState"] == "COMPLETED" for t in tasks.values()), (tasks, logs[-4000:])
+    table = []
+    for i, lr in enumerate(("1e-4", "1e-3", "1e-2")):
+        manifest = json.loads((store / "runs" / f"sw-{i}" / "evaluate" / "MANIFEST.json").read_text())
+        train = json.loads((store / "runs" / f"sw-{i}" / "train" / "MANIFEST.json").read_text())
+        assert train["config"]["train"]["learning_rate"] == float(lr)
+        assert manifest["metrics"], manifest
+        table.append(f"sw-{i} lr={lr} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in sorted(manifest["metrics"].items())))
+    print("\n".join(table))
