@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 import click
 
+from jobs.markers import process_rank
 from medreason.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -44,17 +44,10 @@ class JobContext:
     preset: str | None
 
 
-def _rank() -> int:
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
 def setup_logging(verbose: bool = False) -> None:
     """Configure logging once. Ranks other than 0 log warnings and errors only."""
     level = logging.DEBUG if verbose else logging.INFO
-    if _rank() != 0:
+    if process_rank() != 0:
         level = logging.WARNING
     logging.basicConfig(
         level=level,
@@ -122,7 +115,7 @@ def exit_codes(func: Callable[..., Any]) -> Callable[..., Any]:
 
             return scrub(text, uri)
 
-        from jobs.wait import note_failure, note_start  # a stage's FAILED.json marker
+        from jobs.markers import note_failure, note_start  # a stage's FAILED.json marker
 
         note_start(func.__name__, kwargs)
         try:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs.wait import note_start, wait
+from jobs.markers import note_start
+from jobs.wait import wait
 from medreason.store import FAILED, ArtifactStore, build_manifest, read_failure, record_failure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
