@@ -171,22 +171,25 @@ def accuracy_rows(evals: list[Evaluation]) -> list[dict[str, Any]]:
         losses = ev.metrics.get("heldout_loss") or {}
         for model in ev.models:
             mine = [r for r in ev.predictions if r["model"] == model]
-            sets = list(dict.fromkeys(r["set"] for r in mine))
-            for set_name in sets:
-                rs = [r for r in mine if r["set"] == set_name]
-                n = len(rs)
-                correct = sum(1 for r in rs if r.get("correct"))
-                fails = sum(1 for r in rs if r.get("extracted") is None)
-                low, high = wilson_interval(correct, n)
-                loss = (losses.get(model) or {}).get("loss")
+            for set_name in dict.fromkeys(r["set"] for r in mine):
+                row = _set_row([r for r in mine if r["set"] == set_name])
                 rows.append({
                     "entry": entry_label(ev, model), "run": ev.run, "evaluation": ev.name or "",
-                    "model": model, "set": set_name, "n": n, "correct": correct,
-                    "accuracy": correct / n if n else 0.0, "ci95_low": low, "ci95_high": high,
-                    "parse_failures": fails, "heldout_loss": loss,
+                    "model": model, "set": set_name, **row,
+                    "heldout_loss": (losses.get(model) or {}).get("loss"),
                     "train_tokens_per_s": ev.train_tokens_per_s,
                 })
     return rows
+
+
+def _set_row(predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    """n, correct, accuracy with its 95% Wilson interval, and parse failures of one set."""
+    n = len(predictions)
+    correct = sum(1 for r in predictions if r.get("correct"))
+    low, high = wilson_interval(correct, n)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+            "ci95_low": low, "ci95_high": high,
+            "parse_failures": sum(1 for r in predictions if r.get("extracted") is None)}
 
 
 def paired_rows(evals: list[Evaluation]) -> list[dict[str, Any]]:

@@ -223,47 +223,64 @@ def acquire(
         current = _read(store, rel, gens[-1]) if gens else None
         if gens and current is None:
             continue  # cleaned up between listing and reading
-        if current is not None and not current.expired():
-            if _same_job_restarted(current):
-                log.warning("taking over the lease on %s from the previous run of this requeued "
-                            "SLURM job: %s", store.display(rel), current.describe())
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    waited = f" after waiting {wait_s:.0f} s" if wait_s > 0 else ""
-                    raise LeaseHeld(
-                        f"{store.display(rel)} is being written by another job{waited}: lease held by "
-                        f"{current.describe()} (lease object {store.display(_gen_rel(rel, current.generation))}). "
-                        "Wait for it (--wait-for-lease SECONDS) or use another --run id; a lease whose "
-                        f"holder died expires by itself {current.ttl_s:.0f} s after its last renewal.",
-                        current,
-                    )
-                time.sleep(min(poll_s, remaining))
-                continue
-        elif current is not None and not current.released:
-            log.warning("taking over the expired lease on %s (its holder stopped renewing; "
-                        "presumably dead): %s", store.display(rel), current.describe())
-        generation = (gens[-1] if gens else 0) + 1
-        started = time.monotonic()
-        now = time.time()
-        record = LeaseRecord(
-            key=rel, generation=generation, owner=owner, host=socket.gethostname(), pid=os.getpid(),
-            job=_job_ids(), acquired_at=_iso(now), renewed_at=_iso(now),
-            expires_at=_iso(now + ttl_s), expires_unix=now + ttl_s, ttl_s=ttl_s,
-        )
-        if not store.create_bytes(_gen_rel(rel, generation), record.to_bytes()):
-            continue  # another taker created this generation first: look again
-        lease = Lease(store, rel, record, ttl_s, renew_every_s, margin_s, started)
-        # A taker working from a stale listing may have re-created a generation that was
-        # already cleaned up; a higher generation means that one is not the lease.
-        if _generations(store, rel)[-1] != generation:
-            store.remove(_gen_rel(rel, generation))
+        if current is not None and not _may_take(store, rel, current, deadline, wait_s):
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
             continue
-        _clean_old_generations(store, rel, generation)
+        generation = (gens[-1] if gens else 0) + 1
+        lease = _try_create(store, rel, generation, owner, ttl_s, renew_every_s, margin_s)
+        if lease is None:
+            continue  # another taker won this generation, or ours was stale: look again
         log.info("lease taken on %s (generation %d, ttl %.0f s)", store.display(rel), generation, ttl_s)
         if renew:
             lease.start_renewing()
         return lease
+
+
+def _may_take(store: ArtifactStore, rel: str, current: LeaseRecord, deadline: float,
+              wait_s: float) -> bool:
+    """Whether the next generation may be created over ``current``: yes when it expired or was
+    released (a takeover warns), or when it is this requeued SLURM job's own; no while a live
+    holder has it and there is time left to wait; LeaseHeld once the wait is over."""
+    if current.expired():
+        if not current.released:
+            log.warning("taking over the expired lease on %s (its holder stopped renewing; "
+                        "presumably dead): %s", store.display(rel), current.describe())
+        return True
+    if _same_job_restarted(current):
+        log.warning("taking over the lease on %s from the previous run of this requeued "
+                    "SLURM job: %s", store.display(rel), current.describe())
+        return True
+    if deadline - time.monotonic() > 0:
+        return False
+    waited = f" after waiting {wait_s:.0f} s" if wait_s > 0 else ""
+    raise LeaseHeld(
+        f"{store.display(rel)} is being written by another job{waited}: lease held by "
+        f"{current.describe()} (lease object {store.display(_gen_rel(rel, current.generation))}). "
+        "Wait for it (--wait-for-lease SECONDS) or use another --run id; a lease whose "
+        f"holder died expires by itself {current.ttl_s:.0f} s after its last renewal.",
+        current,
+    )
+
+
+def _try_create(store: ArtifactStore, rel: str, generation: int, owner: str, ttl_s: float,
+                renew_every_s: float, margin_s: float) -> Lease | None:
+    """Create ``generation`` atomically; None when another taker created it first or a higher
+    generation exists (a taker working from a stale listing may have re-created a generation
+    that was already cleaned up: a higher one means that one is not the lease)."""
+    started = time.monotonic()
+    now = time.time()
+    record = LeaseRecord(
+        key=rel, generation=generation, owner=owner, host=socket.gethostname(), pid=os.getpid(),
+        job=_job_ids(), acquired_at=_iso(now), renewed_at=_iso(now),
+        expires_at=_iso(now + ttl_s), expires_unix=now + ttl_s, ttl_s=ttl_s,
+    )
+    if not store.create_bytes(_gen_rel(rel, generation), record.to_bytes()):
+        return None
+    if _generations(store, rel)[-1] != generation:
+        store.remove(_gen_rel(rel, generation))
+        return None
+    _clean_old_generations(store, rel, generation)
+    return Lease(store, rel, record, ttl_s, renew_every_s, margin_s, started)
 
 
 def _clean_old_generations(store: ArtifactStore, rel: str, current: int) -> None:

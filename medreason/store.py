@@ -359,21 +359,31 @@ def classify_store_error(exc: BaseException) -> str | None:
     if code in _TRANSIENT_CODES or (code and code.isdigit() and int(code) >= 500):
         return "transient"
     for err in _chain(exc):
-        module = type(err).__module__
-        name = type(err).__name__
-        if module.startswith(("botocore", "aiohttp", "urllib3")) and (
-            "Connect" in name or "Timeout" in name or "ConnectionClosed" in name
-            or name in ("HTTPClientError", "ServerDisconnectedError", "ProxyConnectionError")
-        ):
-            return "transient"
-        if isinstance(err, (ConnectionError, TimeoutError)):
-            return "transient"
-        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
-            return "transient"
-        if isinstance(err, OSError) and (err.errno in _PERMANENT_ERRNOS
-                                         or isinstance(err, (PermissionError, FileNotFoundError,
-                                                             NotADirectoryError, FileExistsError))):
-            return "permanent"
+        kind = _classify_one(err)
+        if kind is not None:
+            return kind
+    return None
+
+
+def _is_network_error(err: BaseException) -> bool:
+    module, name = type(err).__module__, type(err).__name__
+    return module.startswith(("botocore", "aiohttp", "urllib3")) and (
+        "Connect" in name or "Timeout" in name or "ConnectionClosed" in name
+        or name in ("HTTPClientError", "ServerDisconnectedError", "ProxyConnectionError")
+    )
+
+
+def _classify_one(err: BaseException) -> str | None:
+    """One exception of a chain, without its causes: network and transient OS errors first."""
+    if _is_network_error(err) or isinstance(err, (ConnectionError, TimeoutError)):
+        return "transient"
+    if not isinstance(err, OSError):
+        return None
+    if err.errno in _TRANSIENT_ERRNOS:
+        return "transient"
+    if err.errno in _PERMANENT_ERRNOS or isinstance(
+            err, (PermissionError, FileNotFoundError, NotADirectoryError, FileExistsError)):
+        return "permanent"
     return None
 
 
