@@ -365,11 +365,3 @@ def build_config(
         return Config.model_validate(tree)
     except ValidationError as exc:
         raise InputError(format_validation_error(exc)) from None
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a resolved config (e.g. from a manifest)."""
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise InputError(format_validation_error(exc)) from None

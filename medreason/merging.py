@@ -33,13 +33,11 @@ class ParityError(RuntimeError):
 
 # -- loading --------------------------------------------------------------------------------------
 def merge_dtype(name: str, device_type: str) -> Any:
-    import torch
+    """``merge.dtype`` on CUDA; float32 on CPUs (medreason.loading.resolve_dtype), which also
+    keeps bf16 rounding out of the parity check: a 2.78e9-param Phi-2 merge needs 11 GB in fp32."""
+    from medreason.loading import resolve_dtype
 
-    if device_type != "cuda":
-        # CPUs: float32. bf16 on CPU is slow and would add rounding to the parity check; a
-        # 2.78e9-param Phi-2 merge needs 11 GB in fp32, within a 24 GB node.
-        return torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return resolve_dtype(name, device_type)
 
 
 def dequantize_bnb_layers(model: Any, dtype: Any) -> int:
@@ -95,10 +93,10 @@ def load_base_for_merge(base_dir: str, model_cfg: Any, merge_cfg: Any) -> tuple[
                 "(bitsandbytes de-quantization); run the merge on a GPU node, or set "
                 "merge.dequantize=false to merge onto the original unquantized weights"
             )
-        from medreason.modeling import _bnb_config
+        from medreason.loading import quantization_config
 
         model = AutoModelForCausalLM.from_pretrained(
-            base_dir, dtype=dtype, quantization_config=_bnb_config(model_cfg, dtype),
+            base_dir, dtype=dtype, quantization_config=quantization_config(model_cfg, dtype),
             device_map={"": 0}, trust_remote_code=model_cfg.trust_remote_code,
         )
         n = dequantize_bnb_layers(model, dtype)

@@ -38,6 +38,9 @@ from typing import Any
 
 from medreason.config import ModelConfig
 from medreason.errors import InputError
+
+# Re-exported: jobs/prepare.py reads the staged tokenizer through ``staging.load_tokenizer``.
+from medreason.loading import load_tokenizer  # noqa: F401
 from medreason.store import (
     MANIFEST,
     ArtifactStore,
@@ -274,13 +277,6 @@ def local_model_dir(store: ArtifactStore, model_cfg: ModelConfig) -> str:
     return store.materialize(rel, hashes=not store.is_local)
 
 
-def load_tokenizer(model_dir: str, model_cfg: ModelConfig) -> Any:
-    """The fast tokenizer of a staged folder (reads tokenizer.json: well under a second)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code)
-
-
 # -- the kinds of source --------------------------------------------------------------------------
 def _stage_gguf(path: str, out: str, model_cfg: ModelConfig) -> dict[str, Any]:
     import torch
@@ -372,8 +368,6 @@ def _stage_folder(folder: str, out: str, model_cfg: ModelConfig) -> dict[str, An
     """Copy config, weights and generation config; re-save the tokenizer through transformers so a
     folder with only a slow tokenizer gets a tokenizer.json; re-save .bin-only weights as
     safetensors."""
-    from transformers import AutoTokenizer
-
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise InputError(f"model.name_or_path: {folder} has no config.json; not a transformers model folder")
     names = sorted(os.listdir(folder))
@@ -384,8 +378,7 @@ def _stage_folder(folder: str, out: str, model_cfg: ModelConfig) -> dict[str, An
         shutil.copyfile(os.path.join(folder, name), os.path.join(out, name))
     if not weights:
         _resave_weights(folder, out, model_cfg)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
-    tokenizer.save_pretrained(out)
+    load_tokenizer(folder, model_cfg).save_pretrained(out)
     with open(os.path.join(out, "config.json"), encoding="utf-8") as fh:
         config = json.load(fh)
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -421,10 +414,10 @@ def _count_params(folder: str) -> int:
 
 def _check_loadable(out: str, model_cfg: ModelConfig) -> None:
     """Fail before committing when the folder would not load offline (config + tokenizer)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     AutoConfig.from_pretrained(out, trust_remote_code=model_cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(out, model_cfg)
     if not getattr(tokenizer, "is_fast", False):
         raise InputError(f"model {model_cfg.name_or_path}: no fast tokenizer could be built; "
                          "prepare needs tokenizer.json")
