@@ -190,6 +190,24 @@ def zip_folder(folder: str, zip_path: str) -> None:
                 zf.write(full, os.path.relpath(full, folder))
 
 
+def _data_lines(d: Any, prepare_manifest: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## Data", "", f"- source: `{d.source}`" + (f" (file {d.hub_file})" if d.source.startswith("hub:") else ""),
+             f"- prompt template: `{d.template}`; max length {d.max_len_tokens} tokens; "
+             f"held-out fraction {d.eval_fraction} (seed {d.split_seed})"]
+    pm = (prepare_manifest or {}).get("metrics") or {}
+    counts = {k: v for k, v in pm.items() if isinstance(v, (int, float)) and ("train" in k or "eval" in k)}
+    if counts:
+        lines.append("- " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    return lines
+
+
+def _eval_lines(eval_metrics: dict[str, Any] | None) -> list[str]:
+    if not eval_metrics:
+        return []
+    lines = ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+    return lines + [f"| {key} | {value} |" for key, value in sorted(eval_metrics.items())]
+
+
 def model_card(
     run_id: str,
     cfg: Any,
@@ -200,7 +218,7 @@ def model_card(
     parity: dict[str, float],
 ) -> str:
     """README.md of the merged model: what it is, how it was trained, on what, how it scores."""
-    t, lo, d = cfg.train, cfg.lora, cfg.data
+    t, lo = cfg.train, cfg.lora
     tm = train_manifest.get("metrics") or {}
     lines = [
         "---",
@@ -224,20 +242,9 @@ def model_card(
         f"- steps: {tm.get('steps', t.max_steps)}, micro batch {t.micro_batch_size} x grad accum "
         f"{t.grad_accum_steps}, lr {t.learning_rate} ({t.lr_scheduler}, warmup {t.warmup_steps}), seed {t.seed}",
     ]
-    for key in ("final_loss", "best_eval_loss", "best_step"):
-        if key in tm:
-            lines.append(f"- {key.replace('_', ' ')}: {tm[key]}")
-    lines += ["", "## Data", "", f"- source: `{d.source}`" + (f" (file {d.hub_file})" if d.source.startswith("hub:") else ""),
-              f"- prompt template: `{d.template}`; max length {d.max_len_tokens} tokens; "
-              f"held-out fraction {d.eval_fraction} (seed {d.split_seed})"]
-    pm = (prepare_manifest or {}).get("metrics") or {}
-    counts = {k: v for k, v in pm.items() if isinstance(v, (int, float)) and ("train" in k or "eval" in k)}
-    if counts:
-        lines.append("- " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-    if eval_metrics:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        for key, value in sorted(eval_metrics.items()):
-            lines.append(f"| {key} | {value} |")
+    lines += [f"- {key.replace('_', ' ')}: {tm[key]}" for key in ("final_loss", "best_eval_loss", "best_step")
+              if key in tm]
+    lines += _data_lines(cfg.data, prepare_manifest) + _eval_lines(eval_metrics)
     lines += [
         "",
         "## Merge check",

@@ -277,8 +277,8 @@ def use_varlen_attention(model: Any) -> bool:
 def compile_decoder_layers(model: Any) -> int:
     """torch.compile each decoder layer (regional compilation); returns how many.
 
-    All 32 Phi-2 layers share one code object, so this compiles once (~1 min instead of
-    several for the whole model) and still fuses what matters: LayerNorm, gelu_new's ~8
+    All 32 Phi-2 layers share one code object, so this compiles once (far less than the whole
+    model; bench/RESULTS.md) and still fuses what matters: LayerNorm, gelu_new's ~8
     elementwise ops on the [tokens, 10240] activation (168 MB per 8k-token batch in bf16,
     ~2.7 GB of memory traffic per layer eager), bias adds, dropout and the residuals.
     The attention call is a graph break (see varlen_attention_forward)."""
