@@ -332,3 +332,31 @@ def test_evaluate_bad_input(tmp_path: Path, tiny_phi_dir: Path, cli_inproc) -> N
     assert code == 2 and "step-7 is not committed" in err and "step-10" in err
     code, _, err = cli_inproc("evaluate", "--store", str(tmp_path / "empty"), "--run", "r1", *set_args(overrides))
     assert code == 2 and "no committed prepare stage" in err
+
+
+def test_load_for_inference_folds_the_adapter_only_while_it_runs(tmp_path: Path, tiny_phi_dir: Path) -> None:
+    """The one adapter rule: base + adapter on an unquantized base runs folded (same logits as
+    the unmerged adapter), unfolded afterwards; the compared base is the same weights, adapter off."""
+    import torch
+
+    from medreason.loading import load_for_inference
+
+    store, cfg, _ = build_run(tmp_path / "store", tiny_phi_dir)
+    base, ft = load_for_inference(store, "r1", "final", cfg, "cpu", compare_base=True)
+    assert (base.label, ft.label) == ("base", "finetuned") and base.model is ft.model
+    assert ft.info == {"source": "adapter (final)"}
+    layer = next(m for m in ft.model.modules() if hasattr(m, "lora_A") and hasattr(m, "merged"))
+    x = torch.tensor([[5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        unmerged = ft.model(input_ids=x).logits
+        with ft.context():
+            assert layer.merged
+            folded = ft.model(input_ids=x).logits
+        assert not layer.merged
+        with base.context():
+            assert not layer.merged
+            plain = ft.model(input_ids=x).logits
+    assert torch.allclose(folded, unmerged, atol=1e-4)
+    assert (plain - unmerged).abs().max() > 1e-3
+    (alone,) = load_for_inference(store, "r1", "base", cfg, "cpu")
+    assert alone.label == "base" and type(alone.model).__name__ == "PhiForCausalLM"
