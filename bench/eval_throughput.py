@@ -40,20 +40,15 @@ def main() -> int:
 
     from medreason.benchmarks import load_benchmark
     from medreason.config import BenchmarkConfig, build_config
-    from medreason.evaluation import (
-        build_prompt,
-        encode_prompt,
-        generate_texts,
-        load_causal_lm,
-        load_tokenizer,
-    )
+    from medreason.evaluation.generation import build_prompt, encode_prompt, generate_texts
+    from medreason.loading import load_causal_lm, load_tokenizer
     from medreason.staging import local_model_dir
     from medreason.store import ArtifactStore
 
     cfg = build_config(preset="phi2-bf16")
     store = ArtifactStore(args.store)
     model_dir = local_model_dir(store, cfg.model)
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, for_generation=True)
     model = load_causal_lm(model_dir, cfg.model, torch.device("cuda"))
     records = load_benchmark(BenchmarkConfig(name="medqa", path=args.bench))
     prompts = [encode_prompt(tok, build_prompt(r, cfg.data.template, tok), cfg.data.template) for r in records]

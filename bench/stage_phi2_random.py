@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if store.is_committed(model_rel):
         log.info("model already staged at %s", store.display(model_rel))
-        from transformers import AutoTokenizer
+        from medreason.loading import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(store.materialize(model_rel, hashes=False))
+        tokenizer = load_tokenizer(store.materialize(model_rel, hashes=False))
         eos_id, tok_len = tokenizer.eos_token_id, len(tokenizer)
     else:
         started = time.monotonic()

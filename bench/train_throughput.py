@@ -92,23 +92,24 @@ def run_original(store: str, run: str, steps: int, warmup: int) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
-        BitsAndBytesConfig,
         Trainer,
         TrainerCallback,
         TrainingArguments,
     )
 
+    from medreason.config import build_config
+    from medreason.loading import quantization_config
     from medreason.store import ArtifactStore
     from medreason.tokens import load_split
 
     st = ArtifactStore(store)
+    seed_model = build_config(preset="phi2-seed").model  # the original recipe: int8
     model_dir = st.materialize("cache/models/microsoft--phi-2@main", hashes=False) \
         if st.is_committed("cache/models/microsoft--phi-2@main") else None
     if model_dir is None:
-        from medreason.config import build_config
         from medreason.staging import local_model_dir
 
-        model_dir = local_model_dir(st, build_config(preset="phi2-seed").model)
+        model_dir = local_model_dir(st, seed_model)
     prep = st.materialize(st.stage_rel(f"{run}-bf16" if st.is_committed(st.stage_rel(f"{run}-bf16", "prepare"))
                                        else run, "prepare"))
     split = load_split(os.path.join(prep, "train.tokens.safetensors"))
@@ -129,7 +130,7 @@ def run_original(store: str, run: str, steps: int, warmup: int) -> dict:
             labels[mask == 0] = -100
             return {"input_ids": row, "attention_mask": mask, "labels": labels}
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(seed_model, torch.bfloat16),
                                                  dtype=torch.bfloat16, device_map={"": 0})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, bias="none",

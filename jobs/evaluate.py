@@ -25,7 +25,7 @@ Under `accelerate launch` the questions are sharded over the processes.
 @common_options
 @exit_codes
 def evaluate(preset, config_file, overrides, store, run_id, force, verbose) -> None:
-    from medreason.evaluation import Dist, evaluate_run, stage_inputs
+    from medreason.evaluation.stage import Dist, evaluate_run, stage_inputs
 
     ctx = make_context(preset, config_file, overrides, store, run_id, force)
     cfg, st, run = ctx.config, ctx.store, ctx.run_id

@@ -69,18 +69,9 @@ the run's data.template, like in training and evaluation; greedy decoding.
 def generate(preset, config_file, overrides, store, run_id, force, verbose, question, options_text,
              input_file, which, max_new_tokens, as_json) -> None:
     from medreason.errors import InputError
-    from medreason.evaluation import (
-        build_prompt,
-        encode_prompt,
-        generate_texts,
-        load_causal_lm,
-        load_tokenizer,
-        materialize_subfolder,
-        require_stage,
-        resolve_adapter,
-    )
+    from medreason.evaluation.generation import build_prompt, encode_prompt, generate_texts
     from medreason.extraction import extract_answer
-    from medreason.staging import local_model_dir
+    from medreason.loading import load_for_inference
 
     ctx = make_context(preset, config_file, overrides, store, run_id, force)
     cfg, st, run = ctx.config, ctx.store, ctx.run_id
@@ -97,32 +88,18 @@ def generate(preset, config_file, overrides, store, run_id, force, verbose, ques
         else:
             raise InputError(f"run {run!r} has no committed train or merge stage: train it first, "
                              "or answer with the base model: --model base")
-    if which == "merged":
-        manifest = require_stage(st, run, "merge", "run `medreason merge` first, or use --model adapter")
-        model_dir = materialize_subfolder(st, st.stage_rel(run, "merge"), manifest, "model")
-        model = load_causal_lm(model_dir, cfg.model, device, quantized=False)
-        tokenizer = load_tokenizer(model_dir)
-    else:
-        adapter_dir = resolve_adapter(st, run, "final")[0] if which == "adapter" else None
-        base_dir = local_model_dir(st, cfg.model)
-        tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
-        model = load_causal_lm(base_dir, cfg.model, device)
-        if adapter_dir:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
-            if cfg.model.quantization == "none" or device.type != "cuda":
-                # Fold the adapter in: decoding then runs plain Linear layers (same arithmetic
-                # as the merge stage); quantized bases keep it unmerged (merging re-quantizes).
-                model = model.merge_and_unload()
+    checkpoint = {"merged": "merged", "adapter": "final", "base": "none"}[which]
+    (loaded,) = load_for_inference(st, run, checkpoint, cfg, device,
+                                   merge_hint="run `medreason merge` first, or use --model adapter")
     log.info("answering %d question(s) with the %s model of run %r", len(records), which, run)
 
-    template = cfg.data.template
+    template, tokenizer = cfg.data.template, loaded.tokenizer
     prompts = [build_prompt(r, template, tokenizer) for r in records]
     ids = [encode_prompt(tokenizer, p, template) for p in prompts]
-    texts = generate_texts(model, tokenizer, ids, max_new_tokens or cfg.eval.max_new_tokens,
-                           cfg.eval.batch_size, desc="generate", max_batch_tokens=cfg.eval.max_batch_tokens,
-                           cache_bucket_tokens=cfg.eval.cache_bucket_tokens, compile_mode=cfg.eval.compile)
+    with loaded.context():  # the adapter folded in, by medreason.loading's one rule
+        texts = generate_texts(loaded.model, tokenizer, ids, max_new_tokens or cfg.eval.max_new_tokens,
+                               cfg.eval.batch_size, desc="generate", max_batch_tokens=cfg.eval.max_batch_tokens,
+                               cache_bucket_tokens=cfg.eval.cache_bucket_tokens, compile_mode=cfg.eval.compile)
     for i, (rec, text) in enumerate(zip(records, texts, strict=True)):
         letter, method = extract_answer(text, rec["options_map"]) if rec["options_map"] else (None, "no options")
         if as_json:

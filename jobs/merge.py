@@ -32,7 +32,7 @@ fails the job (exit 1). --push-to-hub REPO uploads model/ (HF_TOKEN from the env
               help="Also upload the merged model to this hub repo (overrides merge.push_to_hub).")
 @exit_codes
 def merge(preset, config_file, overrides, store, run_id, force, verbose, push_repo) -> None:
-    from medreason.evaluation import require_stage, resolve_adapter
+    from medreason.loading import load_tokenizer, require_stage, resolve_adapter
     from medreason.merging import (
         ParityError,
         check_parity,
@@ -42,7 +42,7 @@ def merge(preset, config_file, overrides, store, run_id, force, verbose, push_re
         push_to_hub,
         zip_folder,
     )
-    from medreason.staging import load_tokenizer, local_model_dir
+    from medreason.staging import local_model_dir
     from medreason.store import manifest_hash
 
     ctx = make_context(preset, config_file, overrides, store, run_id, force)

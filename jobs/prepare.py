@@ -37,6 +37,7 @@ nothing; a different config needs --force (or a new --run).
 def prepare(preset: str | None, config_file: str | None, overrides: tuple[str, ...], store: str,
             run_id: str | None, force: bool, verbose: bool) -> None:
     from medreason import staging
+    from medreason.loading import load_tokenizer
     from medreason.prepare import build_prepare
     from medreason.store import manifest_hash
 
@@ -49,7 +50,7 @@ def prepare(preset: str | None, config_file: str | None, overrides: tuple[str, .
 
     def build(folder: str) -> Built:
         model_dir = staging.local_model_dir(st, cfg.model)
-        tokenizer = staging.load_tokenizer(model_dir, cfg.model)
+        tokenizer = load_tokenizer(model_dir, cfg.model)
         result = build_prepare(cfg, folder, tokenizer=tokenizer, tokenizer_dir=model_dir, store=st)
         return Built(result.metrics, {"stage_model": stage_model_s, **result.timings_s},
                      {**result.extra, "model_staged_at": staging.staged_model_rel(cfg.model, st)})

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medreason.errors import InputError
-from medreason.evaluation import wilson_interval
+from medreason.evaluation.scoring import wilson_interval
 
 MODEL_ORDER = ("base", "finetuned")
 

@@ -372,14 +372,6 @@ def build_config(
         raise InputError(format_validation_error(exc)) from None
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a resolved config (e.g. from a manifest)."""
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise InputError(format_validation_error(exc)) from None
-
-
 # -- describing the schema: `medreason config show` and did-you-mean --------------------------------
 def _section_model(annotation: Any) -> type[BaseModel] | None:
     """The config section class behind a field's type: Section, or the items of list[Section]."""

@@ -33,13 +33,11 @@ class ParityError(RuntimeError):
 
 # -- loading --------------------------------------------------------------------------------------
 def merge_dtype(name: str, device_type: str) -> Any:
-    import torch
+    """``merge.dtype`` on CUDA; float32 on CPUs (medreason.loading.resolve_dtype), which also
+    keeps bf16 rounding out of the parity check: a 2.78e9-param Phi-2 merge needs 11 GB in fp32."""
+    from medreason.loading import resolve_dtype
 
-    if device_type != "cuda":
-        # CPUs: float32. bf16 on CPU is slow and would add rounding to the parity check; a
-        # 2.78e9-param Phi-2 merge needs 11 GB in fp32, within a 24 GB node.
-        return torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return resolve_dtype(name, device_type)
 
 
 def dequantize_bnb_layers(model: Any, dtype: Any) -> int:
@@ -95,10 +93,10 @@ def load_base_for_merge(base_dir: str, model_cfg: Any, merge_cfg: Any) -> tuple[
                 "(bitsandbytes de-quantization); run the merge on a GPU node, or set "
                 "merge.dequantize=false to merge onto the original unquantized weights"
             )
-        from medreason.modeling import _bnb_config
+        from medreason.loading import quantization_config
 
         model = AutoModelForCausalLM.from_pretrained(
-            base_dir, dtype=dtype, quantization_config=_bnb_config(model_cfg, dtype),
+            base_dir, dtype=dtype, quantization_config=quantization_config(model_cfg, dtype),
             device_map={"": 0}, trust_remote_code=model_cfg.trust_remote_code,
         )
         n = dequantize_bnb_layers(model, dtype)
@@ -192,6 +190,24 @@ def zip_folder(folder: str, zip_path: str) -> None:
                 zf.write(full, os.path.relpath(full, folder))
 
 
+def _data_lines(d: Any, prepare_manifest: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## Data", "", f"- source: `{d.source}`" + (f" (file {d.hub_file})" if d.source.startswith("hub:") else ""),
+             f"- prompt template: `{d.template}`; max length {d.max_len_tokens} tokens; "
+             f"held-out fraction {d.eval_fraction} (seed {d.split_seed})"]
+    pm = (prepare_manifest or {}).get("metrics") or {}
+    counts = {k: v for k, v in pm.items() if isinstance(v, (int, float)) and ("train" in k or "eval" in k)}
+    if counts:
+        lines.append("- " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    return lines
+
+
+def _eval_lines(eval_metrics: dict[str, Any] | None) -> list[str]:
+    if not eval_metrics:
+        return []
+    lines = ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+    return lines + [f"| {key} | {value} |" for key, value in sorted(eval_metrics.items())]
+
+
 def model_card(
     run_id: str,
     cfg: Any,
@@ -202,7 +218,7 @@ def model_card(
     parity: dict[str, float],
 ) -> str:
     """README.md of the merged model: what it is, how it was trained, on what, how it scores."""
-    t, lo, d = cfg.train, cfg.lora, cfg.data
+    t, lo = cfg.train, cfg.lora
     tm = train_manifest.get("metrics") or {}
     lines = [
         "---",
@@ -226,20 +242,9 @@ def model_card(
         f"- steps: {tm.get('steps', t.max_steps)}, micro batch {t.micro_batch_size} x grad accum "
         f"{t.grad_accum_steps}, lr {t.learning_rate} ({t.lr_scheduler}, warmup {t.warmup_steps}), seed {t.seed}",
     ]
-    for key in ("final_loss", "best_eval_loss", "best_step"):
-        if key in tm:
-            lines.append(f"- {key.replace('_', ' ')}: {tm[key]}")
-    lines += ["", "## Data", "", f"- source: `{d.source}`" + (f" (file {d.hub_file})" if d.source.startswith("hub:") else ""),
-              f"- prompt template: `{d.template}`; max length {d.max_len_tokens} tokens; "
-              f"held-out fraction {d.eval_fraction} (seed {d.split_seed})"]
-    pm = (prepare_manifest or {}).get("metrics") or {}
-    counts = {k: v for k, v in pm.items() if isinstance(v, (int, float)) and ("train" in k or "eval" in k)}
-    if counts:
-        lines.append("- " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-    if eval_metrics:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        for key, value in sorted(eval_metrics.items()):
-            lines.append(f"| {key} | {value} |")
+    lines += [f"- {key.replace('_', ' ')}: {tm[key]}" for key in ("final_loss", "best_eval_loss", "best_step")
+              if key in tm]
+    lines += _data_lines(cfg.data, prepare_manifest) + _eval_lines(eval_metrics)
     lines += [
         "",
         "## Merge check",

@@ -1,7 +1,8 @@
 """Load a staged base model for training: precision, quantization, LoRA targets, LoRA.
 
 The base model always comes from a staged local folder (see medreason.staging): training never
-downloads. Quantized bases (int8 / nf4) go through bitsandbytes and need CUDA.
+downloads. Quantized bases (int8 / nf4) go through bitsandbytes and need CUDA. The dtype and
+quantization rules are medreason.loading's, shared with every inference load.
 """
 
 from __future__ import annotations
@@ -31,15 +32,12 @@ NEVER_TARGET = ("lm_head",)
 
 
 def compute_dtype(model_cfg: ModelConfig, device_type: str) -> Any:
-    """The dtype weights and activations use. On a CPU it is float32 whatever the config says:
-    bf16 matmuls on CPUs without AMX run ~10x slower than fp32 and fp16 is not worth it."""
-    import torch
+    """The dtype weights and activations use (medreason.loading.resolve_dtype: float32 off CUDA)."""
+    from medreason.loading import resolve_dtype
 
-    if device_type != "cuda":
-        if model_cfg.dtype != "float32":
-            log.info("no CUDA device: training in float32 instead of model.dtype=%s", model_cfg.dtype)
-        return torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[model_cfg.dtype]
+    if device_type != "cuda" and model_cfg.dtype != "float32":
+        log.info("no CUDA device: training in float32 instead of model.dtype=%s", model_cfg.dtype)
+    return resolve_dtype(model_cfg.dtype, device_type)
 
 
 def check_quantization(model_cfg: ModelConfig, device_type: str) -> None:
@@ -61,21 +59,6 @@ def check_quantization(model_cfg: ModelConfig, device_type: str) -> None:
         ) from None
 
 
-def _bnb_config(model_cfg: ModelConfig, dtype: Any) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if model_cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    # NF4 with double quantization: the quantization constants are themselves quantized,
-    # ~0.37 bits/param saved (0.5 -> 0.127), i.e. ~130 MB on Phi-2's 2.78e9 parameters.
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-    )
-
-
 def load_base_model(model_dir: str, model_cfg: ModelConfig, dtype: Any, device_index: int | None,
                     gradient_checkpointing: bool) -> Any:
     """The frozen base model from a staged folder, ready to take LoRA layers."""
@@ -90,7 +73,9 @@ def load_base_model(model_dir: str, model_cfg: ModelConfig, dtype: Any, device_i
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     quantized = model_cfg.quantization != "none"
     if quantized:
-        kwargs["quantization_config"] = _bnb_config(model_cfg, dtype)
+        from medreason.loading import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(model_cfg, dtype)
         # bitsandbytes quantizes while loading onto the GPU; each rank loads onto its own.
         kwargs["device_map"] = {"": device_index or 0}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -292,8 +277,8 @@ def use_varlen_attention(model: Any) -> bool:
 def compile_decoder_layers(model: Any) -> int:
     """torch.compile each decoder layer (regional compilation); returns how many.
 
-    All 32 Phi-2 layers share one code object, so this compiles once (~1 min instead of
-    several for the whole model) and still fuses what matters: LayerNorm, gelu_new's ~8
+    All 32 Phi-2 layers share one code object, so this compiles once (far less than the whole
+    model; bench/RESULTS.md) and still fuses what matters: LayerNorm, gelu_new's ~8
     elementwise ops on the [tokens, 10240] activation (168 MB per 8k-token batch in bf16,
     ~2.7 GB of memory traffic per layer eager), bias adds, dropout and the residuals.
     The attention call is a graph break (see varlen_attention_forward)."""

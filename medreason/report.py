@@ -30,20 +30,24 @@ def _models(metrics: dict[str, Any]) -> list[str]:
     return [m for m in MODEL_ORDER if m in present] + [m for m in present if m not in MODEL_ORDER]
 
 
-def render_report(metrics: dict[str, Any], plots: list[str]) -> str:
-    """report.md: base vs fine-tuned per set and per source, with CIs, parse failures and loss."""
-    models = _models(metrics)
-    lines = [f"# Evaluation of run `{metrics.get('run_id', '?')}`", ""]
+def _header_lines(metrics: dict[str, Any], models: list[str]) -> list[str]:
     info = metrics.get("model_info", {})
-    lines.append(f"- checkpoint: `{metrics.get('checkpoint')}`; models: "
-                 + ", ".join(f"**{m}** ({info.get(m, {}).get('source', m)})" for m in models))
-    lines.append(f"- prompt template: `{metrics.get('template')}`; greedy decoding, at most "
-                 f"{metrics.get('max_new_tokens')} new tokens")
-    lines.append("- accuracy with its 95% Wilson interval and (correct/total); an answer that cannot "
-                 "be parsed counts as wrong and is also counted under parse failures")
-    lines.append("")
-    lines.append("## Accuracy per eval set")
-    lines.append("")
+    return [
+        f"# Evaluation of run `{metrics.get('run_id', '?')}`",
+        "",
+        f"- checkpoint: `{metrics.get('checkpoint')}`; models: "
+        + ", ".join(f"**{m}** ({info.get(m, {}).get('source', m)})" for m in models),
+        f"- prompt template: `{metrics.get('template')}`; greedy decoding, at most "
+        f"{metrics.get('max_new_tokens')} new tokens",
+        "- accuracy with its 95% Wilson interval and (correct/total); an answer that cannot "
+        "be parsed counts as wrong and is also counted under parse failures",
+        "",
+    ]
+
+
+def _per_set_lines(metrics: dict[str, Any], models: list[str]) -> list[str]:
+    """The accuracy table per eval set, then the fine-tuned - base difference per set."""
+    lines = ["## Accuracy per eval set", ""]
     header = "| set | n | " + " | ".join(f"{m} accuracy" for m in models) + " | " + " | ".join(
         f"{m} parse failures" for m in models) + " |"
     lines += [header, "|" + "---|" * (2 + 2 * len(models))]
@@ -61,7 +65,11 @@ def render_report(metrics: dict[str, Any], plots: list[str]) -> str:
             if all(m in per_model for m in models):
                 delta = per_model[models[1]]["accuracy"] - per_model[models[0]]["accuracy"]
                 lines.append(f"- {set_name}: {models[1]} − {models[0]} = {100 * delta:+.1f} points")
-    lines += ["", "## Accuracy per source dataset", ""]
+    return lines
+
+
+def _per_source_lines(metrics: dict[str, Any], models: list[str]) -> list[str]:
+    lines = ["", "## Accuracy per source dataset", ""]
     lines += ["| set | source | n | " + " | ".join(models) + " |", "|" + "---|" * (3 + len(models))]
     for set_name, per_model in metrics.get("sets", {}).items():
         sources = sorted({s for m in per_model.values() for s in m.get("by_source", {})})
@@ -69,14 +77,27 @@ def render_report(metrics: dict[str, Any], plots: list[str]) -> str:
             row = [per_model.get(m, {}).get("by_source", {}).get(src) for m in models]
             n = next(r["n"] for r in row if r)
             lines.append(f"| {set_name} | {src} | {n} | " + " | ".join(_acc_cell(r) for r in row) + " |")
+    return lines
+
+
+def _loss_lines(metrics: dict[str, Any], models: list[str]) -> list[str]:
     losses = metrics.get("heldout_loss") or {}
-    if losses:
-        lines += ["", "## Held-out loss (teacher-forced, prompt tokens masked as in training)", ""]
-        lines += ["| model | loss | perplexity | tokens |", "|---|---|---|---|"]
-        for m in models:
-            if m in losses:
-                lo = losses[m]
-                lines.append(f"| {m} | {lo['loss']:.4f} | {lo['perplexity']:.2f} | {lo['tokens']} |")
+    if not losses:
+        return []
+    lines = ["", "## Held-out loss (teacher-forced, prompt tokens masked as in training)", ""]
+    lines += ["| model | loss | perplexity | tokens |", "|---|---|---|---|"]
+    for m in models:
+        if m in losses:
+            lo = losses[m]
+            lines.append(f"| {m} | {lo['loss']:.4f} | {lo['perplexity']:.2f} | {lo['tokens']} |")
+    return lines
+
+
+def render_report(metrics: dict[str, Any], plots: list[str]) -> str:
+    """report.md: base vs fine-tuned per set and per source, with CIs, parse failures and loss."""
+    models = _models(metrics)
+    lines = _header_lines(metrics, models) + _per_set_lines(metrics, models)
+    lines += _per_source_lines(metrics, models) + _loss_lines(metrics, models)
     if plots:
         lines += ["", "## Plots", ""]
         for name in plots:

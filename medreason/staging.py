@@ -38,6 +38,7 @@ from typing import Any
 
 from medreason.config import ModelConfig
 from medreason.errors import InputError
+from medreason.loading import load_tokenizer
 from medreason.store import (
     MANIFEST,
     ArtifactStore,
@@ -125,8 +126,45 @@ def _looks_like_hub_id(value: str) -> bool:
     )
 
 
+def _gguf_source(value: str, model_cfg: ModelConfig, store: ArtifactStore | None) -> ModelSource:
+    """A .gguf path, or its staged copy on a node without the file."""
+    path = value[len("file://"):] if value.startswith("file://") else value
+    if "://" in path:
+        raise InputError(f"model.name_or_path={value!r}: a .gguf file must be a local path")
+    stem = os.path.basename(path)[: -len(".gguf")]
+    if not os.path.isfile(path):
+        # A node without the file (train/evaluate elsewhere) can still use its staged copy.
+        staged = _find_staged(store, stem, model_cfg.dtype) if store is not None else None
+        if staged:
+            return ModelSource("staged", staged, staged, "")
+        raise InputError(f"model.name_or_path: GGUF file not found: {path}")
+    return ModelSource("gguf", os.path.abspath(path), stem, gguf_revision(path, model_cfg.dtype))
+
+
+def _remote_source(value: str, revision: str | None, store: ArtifactStore | None) -> ModelSource:
+    """A URI: a folder of a remote store (by its root) or any other remote folder."""
+    if store is not None and not store.is_local:
+        prefix = f"{store.protocol}://{store.root}/"
+        if value.startswith(prefix):
+            return _store_source(value[len(prefix):].strip("/"), revision)
+    return ModelSource("remote", value.rstrip("/"), value.rstrip("/"), revision or "main")
+
+
+def _local_source(local: str, revision: str | None, store: ArtifactStore | None) -> ModelSource:
+    """A local folder: inside a local store it is a store folder."""
+    local = os.path.expanduser(local)
+    if store is not None and store.is_local:
+        rel = os.path.relpath(os.path.abspath(local), store.root)
+        if not rel.startswith(".."):
+            return _store_source(rel.replace(os.sep, "/"), revision)
+    return ModelSource("local", os.path.abspath(local), os.path.abspath(local), revision or "local")
+
+
 def resolve_source(model_cfg: ModelConfig, store: ArtifactStore | None = None) -> ModelSource:
-    """Decide what kind of source ``model.name_or_path`` names (no download, no model load)."""
+    """Decide what kind of source ``model.name_or_path`` names (no download, no model load).
+
+    The checks run in this order: GGUF short name, .gguf file, URI, local folder, folder in the
+    store, hub id."""
     value = model_cfg.name_or_path.strip()
     if not value:
         raise InputError("model.name_or_path is empty; name a hub id, a folder or a .gguf file")
@@ -134,33 +172,13 @@ def resolve_source(model_cfg: ModelConfig, store: ArtifactStore | None = None) -
         path = _gguf_short_path(value)
         return ModelSource("gguf", path, value, gguf_revision(path, model_cfg.dtype))
     if value.lower().endswith(".gguf"):
-        path = value[len("file://"):] if value.startswith("file://") else value
-        if "://" in path:
-            raise InputError(f"model.name_or_path={value!r}: a .gguf file must be a local path")
-        stem = os.path.basename(path)[: -len(".gguf")]
-        if not os.path.isfile(path):
-            # A node without the file (train/evaluate elsewhere) can still use its staged copy.
-            staged = _find_staged(store, stem, model_cfg.dtype) if store is not None else None
-            if staged:
-                return ModelSource("staged", staged, staged, "")
-            raise InputError(f"model.name_or_path: GGUF file not found: {path}")
-        return ModelSource("gguf", os.path.abspath(path), stem, gguf_revision(path, model_cfg.dtype))
+        return _gguf_source(value, model_cfg, store)
     revision = model_cfg.revision
     if "://" in value and not value.startswith("file://"):
-        if store is not None and not store.is_local:
-            prefix = f"{store.protocol}://{store.root}/"
-            if value.startswith(prefix):
-                rel = value[len(prefix):].strip("/")
-                return _store_source(rel, revision)
-        return ModelSource("remote", value.rstrip("/"), value.rstrip("/"), revision or "main")
+        return _remote_source(value, revision, store)
     local = value[len("file://"):] if value.startswith("file://") else value
     if os.path.isdir(local) or os.path.isabs(local) or local.startswith(("./", "../", "~")):
-        local = os.path.expanduser(local)
-        if store is not None and store.is_local:
-            rel = os.path.relpath(os.path.abspath(local), store.root)
-            if not rel.startswith(".."):
-                return _store_source(rel.replace(os.sep, "/"), revision)
-        return ModelSource("local", os.path.abspath(local), os.path.abspath(local), revision or "local")
+        return _local_source(local, revision, store)
     if store is not None and not os.path.isabs(local) and store.exists(f"{local.strip('/')}/config.json"):
         return _store_source(local.strip("/"), revision)
     if _looks_like_hub_id(value):
@@ -274,13 +292,6 @@ def local_model_dir(store: ArtifactStore, model_cfg: ModelConfig) -> str:
     return store.materialize(rel, hashes=not store.is_local)
 
 
-def load_tokenizer(model_dir: str, model_cfg: ModelConfig) -> Any:
-    """The fast tokenizer of a staged folder (reads tokenizer.json: well under a second)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code)
-
-
 # -- the kinds of source --------------------------------------------------------------------------
 def _stage_gguf(path: str, out: str, model_cfg: ModelConfig) -> dict[str, Any]:
     import torch
@@ -372,8 +383,6 @@ def _stage_folder(folder: str, out: str, model_cfg: ModelConfig) -> dict[str, An
     """Copy config, weights and generation config; re-save the tokenizer through transformers so a
     folder with only a slow tokenizer gets a tokenizer.json; re-save .bin-only weights as
     safetensors."""
-    from transformers import AutoTokenizer
-
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise InputError(f"model.name_or_path: {folder} has no config.json; not a transformers model folder")
     names = sorted(os.listdir(folder))
@@ -384,8 +393,7 @@ def _stage_folder(folder: str, out: str, model_cfg: ModelConfig) -> dict[str, An
         shutil.copyfile(os.path.join(folder, name), os.path.join(out, name))
     if not weights:
         _resave_weights(folder, out, model_cfg)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
-    tokenizer.save_pretrained(out)
+    load_tokenizer(folder, model_cfg).save_pretrained(out)
     with open(os.path.join(out, "config.json"), encoding="utf-8") as fh:
         config = json.load(fh)
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -421,10 +429,10 @@ def _count_params(folder: str) -> int:
 
 def _check_loadable(out: str, model_cfg: ModelConfig) -> None:
     """Fail before committing when the folder would not load offline (config + tokenizer)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     AutoConfig.from_pretrained(out, trust_remote_code=model_cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(out, model_cfg)
     if not getattr(tokenizer, "is_fast", False):
         raise InputError(f"model {model_cfg.name_or_path}: no fast tokenizer could be built; "
                          "prepare needs tokenizer.json")

@@ -388,6 +388,11 @@ def _classify_one(err: BaseException) -> str | None:
 
 
 # -- the store -----------------------------------------------------------------------------------
+def local_cache_root() -> str:
+    """Where remote store folders are downloaded: $MEDREASON_LOCAL_CACHE or ~/.cache/medreason."""
+    return os.environ.get("MEDREASON_LOCAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medreason")
+
+
 class ArtifactStore:
     """A root folder on any fsspec filesystem (local path, file://, s3://)."""
 
@@ -499,9 +504,6 @@ class ArtifactStore:
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
-
-    def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_text(rel))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write one file atomically (temp + rename locally; a single PUT on object stores)."""
@@ -724,24 +726,62 @@ class ArtifactStore:
         if self.is_local:
             self.verify(rel, manifest, hashes=hashes)
             return self.full(rel)
-        cache_root = os.environ.get("MEDREASON_LOCAL_CACHE") or os.path.join(
-            os.path.expanduser("~"), ".cache", "medreason"
-        )
-        target = os.path.join(cache_root, "store", manifest_hash(manifest)[:32])
-        done = os.path.join(target, MANIFEST)
+        target = os.path.join(local_cache_root(), "store", manifest_hash(manifest)[:32])
+        return self._download_verified(rel, manifest.get("files", {}), target, MANIFEST, json.dumps(manifest))
+
+    def materialize_subfolder(self, rel: str, manifest: dict[str, Any], prefix: str) -> str:
+        """A verified local copy of the files a committed folder's manifest lists under ``prefix/``.
+
+        A sub-folder with its own MANIFEST.json is materialized as is; otherwise every file is
+        checked against the size and sha256 the parent's manifest recorded, so a file changed after
+        the commit is caught before it is used (InputError naming it).
+        """
+        sub = f"{rel}/{prefix}"
+        if self.is_committed(sub):
+            return self.materialize(sub)
+        files = {
+            name[len(prefix) + 1:]: info
+            for name, info in manifest.get("files", {}).items()
+            if name.startswith(prefix + "/")
+        }
+        if not files:
+            raise InputError(f"{self.display(sub)}: the commit of {self.display(rel)} lists no files there")
+        if not self.is_local:
+            key = f"{manifest_hash(manifest)[:32]}-{prefix.replace('/', '_')}"
+            return self._download_verified(sub, files, os.path.join(local_cache_root(), "store", key),
+                                           ".verified", "ok\n")
+        target = self.full(sub)
+        for name, info in files.items():
+            path = os.path.join(target, *name.split("/"))
+            if not os.path.exists(path):
+                raise InputError(f"{self.display(sub)}: {name} is listed in {MANIFEST} but missing")
+            if os.path.getsize(path) != info["size"] or sha256_file(path) != info["sha256"]:
+                raise InputError(
+                    f"{self.display(sub)}: {name} does not match its sha256 in {self.display(rel)}/{MANIFEST}; "
+                    "the file was modified or corrupted after its commit"
+                )
+        return target
+
+    def _download_verified(self, rel: str, files: dict[str, Any], target: str, marker: str, marker_text: str) -> str:
+        """Download ``files`` (name -> size/sha256) under ``rel`` into the local folder ``target``.
+
+        The folder is filled under a temp name, each file checked against its sha256, the
+        ``marker`` file written last, then renamed into place: a reader never sees a partial copy.
+        """
+        done = os.path.join(target, marker)
         if os.path.exists(done):
             return target
         tmp = f"{target}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
         os.makedirs(tmp, exist_ok=True)
         try:
-            for name, info in manifest.get("files", {}).items():
+            for name, info in files.items():
                 local = os.path.join(tmp, *name.split("/"))
                 os.makedirs(os.path.dirname(local), exist_ok=True)
                 self.fs.get_file(self.full(f"{rel}/{name}"), local)
                 if sha256_file(local) != info["sha256"]:
                     raise InputError(f"{self.display(rel)}: {name} does not match its sha256 in {MANIFEST}")
-            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
-                json.dump(manifest, fh)
+            with open(os.path.join(tmp, marker), "w", encoding="utf-8") as fh:
+                fh.write(marker_text)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -14,7 +14,7 @@ import pytest
 from _fixtures_eval import records
 
 from medreason.compare import flatten, mcnemar_exact, paired_counts
-from medreason.evaluation import wilson_interval
+from medreason.evaluation.scoring import wilson_interval
 
 
 # -- McNemar -------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ UNPARSED = {("r1", "base"): {19}, ("r2", "base"): {18, 19}}
 
 
 def _predictions(run: str, models: list[str], set_name: str, n: int) -> list[dict[str, Any]]:
-    from medreason.evaluation import score
+    from medreason.evaluation.scoring import score
 
     recs = records(n)
     rows = []
@@ -83,7 +83,7 @@ def _predictions(run: str, models: list[str], set_name: str, n: int) -> list[dic
 def _commit_evaluation(store: Any, run: str, name: str | None, cfg: Any, set_name: str, n: int,
                        tmp: Path) -> None:
     from medreason.compare import evaluation_rel
-    from medreason.evaluation import headline, summarize
+    from medreason.evaluation.scoring import headline, summarize
     from medreason.report import write_outputs
     from medreason.store import build_manifest
 

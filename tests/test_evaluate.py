@@ -9,15 +9,9 @@ from pathlib import Path
 import pytest
 from _fixtures_eval import build_run, set_args
 
-from medreason.evaluation import (
-    finish_loss,
-    generate_texts,
-    heldout_loss,
-    length_sorted_batches,
-    plan_generation_batches,
-    summarize,
-    wilson_interval,
-)
+from medreason.evaluation.generation import generate_texts, length_sorted_batches, plan_generation_batches
+from medreason.evaluation.loss import finish_loss, heldout_loss
+from medreason.evaluation.scoring import summarize, wilson_interval
 from medreason.report import write_outputs
 
 
@@ -111,7 +105,7 @@ def tiny(tiny_phi_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medreason.evaluation import prepare_tokenizer
+    from medreason.loading import prepare_tokenizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_phi_dir, dtype=torch.float32).eval()
@@ -131,6 +125,24 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny) -> None:
     single = [generate_texts(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in ids]
     assert batched == single
     assert all(isinstance(t, str) for t in batched)
+
+
+def test_long_batch_logs_progress_inside_the_batch(tiny, caplog) -> None:
+    """Inside one generate call, progress lines (tokens so far, rows finished, elapsed) come at
+    the interval, besides the line at the end of the batch."""
+    model, tok = tiny
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Fever and cough", "Chest pain")]
+    with caplog.at_level("INFO", logger="medreason.evaluation.generation"):
+        generate_texts(model, tok, ids, max_new_tokens=6, batch_size=2, desc="gen", progress_interval_s=0.0)
+    inside = [r.getMessage() for r in caplog.records if "so far," in r.getMessage() and "rows finished" in r.getMessage()]
+    assert len(inside) >= 5, caplog.text  # one per decoding step at interval 0
+    assert inside[0].startswith("gen: batch 1/1: 1 new tokens per row so far, ") and "/2 rows finished" in inside[0]
+    assert inside[-1].startswith("gen: batch 1/1: 6 new tokens per row so far")
+    assert any("batch 1/1 (2 questions" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="medreason.evaluation.generation"):
+        generate_texts(model, tok, ids, max_new_tokens=6, batch_size=2, desc="gen")
+    assert not any("rows finished" in r.getMessage() for r in caplog.records)  # default: every 30 s
 
 
 def test_plan_generation_batches_sizes_each_cache_to_its_batch() -> None:
@@ -197,7 +209,7 @@ def test_static_cache_per_batch_lengths_match_dynamic_generation(tiny, tiny_phi_
 def test_compile_modes_map_to_generate_keywords() -> None:
     from transformers.generation import CompileConfig
 
-    from medreason.evaluation import _compile_generation
+    from medreason.evaluation.generation import _compile_generation
 
     two_shapes = [([0, 1], 1024), ([2, 3], 768)]
     assert _compile_generation("none", two_shapes, 2, None) == {"disable_compile": True}
@@ -320,3 +332,31 @@ def test_evaluate_bad_input(tmp_path: Path, tiny_phi_dir: Path, cli_inproc) -> N
     assert code == 2 and "step-7 is not committed" in err and "step-10" in err
     code, _, err = cli_inproc("evaluate", "--store", str(tmp_path / "empty"), "--run", "r1", *set_args(overrides))
     assert code == 2 and "no committed prepare stage" in err
+
+
+def test_load_for_inference_folds_the_adapter_only_while_it_runs(tmp_path: Path, tiny_phi_dir: Path) -> None:
+    """The one adapter rule: base + adapter on an unquantized base runs folded (same logits as
+    the unmerged adapter), unfolded afterwards; the compared base is the same weights, adapter off."""
+    import torch
+
+    from medreason.loading import load_for_inference
+
+    store, cfg, _ = build_run(tmp_path / "store", tiny_phi_dir)
+    base, ft = load_for_inference(store, "r1", "final", cfg, "cpu", compare_base=True)
+    assert (base.label, ft.label) == ("base", "finetuned") and base.model is ft.model
+    assert ft.info == {"source": "adapter (final)"}
+    layer = next(m for m in ft.model.modules() if hasattr(m, "lora_A") and hasattr(m, "merged"))
+    x = torch.tensor([[5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        unmerged = ft.model(input_ids=x).logits
+        with ft.context():
+            assert layer.merged
+            folded = ft.model(input_ids=x).logits
+        assert not layer.merged
+        with base.context():
+            assert not layer.merged
+            plain = ft.model(input_ids=x).logits
+    assert torch.allclose(folded, unmerged, atol=1e-4)
+    assert (plain - unmerged).abs().max() > 1e-3
+    (alone,) = load_for_inference(store, "r1", "base", cfg, "cpu")
+    assert alone.label == "base" and type(alone.model).__name__ == "PhiForCausalLM"

@@ -175,7 +175,7 @@ def test_pick_acc_and_acc_norm() -> None:
 def test_prediction_rows_in_the_evaluate_format(tiny_phi_dir: Path) -> None:
     from _fixtures_eval import records
 
-    from medreason.evaluation import summarize_rows
+    from medreason.evaluation.scoring import summarize_rows
     from medreason.loglik import prediction_rows
 
     model, tokenizer = _load(tiny_phi_dir)

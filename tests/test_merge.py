@@ -128,3 +128,34 @@ def test_merge_smollm2_parity(tmp_path: Path, demo_store, cli_inproc) -> None:
     assert os.path.exists(model_dir / "tokenizer.json") and os.path.exists(model_dir / "generation_config.json")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.model_type == "llama"
+
+
+def test_subfolder_from_s3_is_verified_and_renamed_into_place(s3_bucket, tmp_path: Path, monkeypatch) -> None:
+    """A folder the parent's commit lists (merge/model, train/adapter) comes down from S3 into
+    the local cache under a temp name, checked against the parent's sha256, then renamed; a
+    corrupted object leaves nothing in the cache."""
+    from medreason.errors import InputError
+    from medreason.store import ArtifactStore, build_manifest
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MEDREASON_LOCAL_CACHE", str(cache))
+    store = ArtifactStore(s3_bucket)
+    out = tmp_path / "out"
+    (out / "model" / "sub").mkdir(parents=True)
+    (out / "model" / "config.json").write_text('{"a": 1}')
+    (out / "model" / "sub" / "w.bin").write_bytes(b"\x00\x01" * 100)
+    (out / "adapter.zip").write_bytes(b"zip")
+    rel = store.stage_rel("r1", "merge")
+    manifest = store.commit_dir(str(out), rel, build_manifest(stage="merge", run_id="r1", config={},
+                                                              config_hash="h"))
+    folder = Path(store.materialize_subfolder(rel, manifest, "model"))
+    assert folder.is_relative_to(cache)
+    assert (folder / "config.json").read_text() == '{"a": 1}' and (folder / "sub" / "w.bin").stat().st_size == 200
+    assert (folder / ".verified").exists() and not (folder / "adapter.zip").exists()
+    assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]
+
+    store.write_bytes(f"{rel}/model/config.json", b'{"a": 2}')
+    other = dict(manifest, committed_at="later")  # another cache key: a fresh download
+    with pytest.raises(InputError, match=r"config\.json does not match its sha256"):
+        store.materialize_subfolder(rel, other, "model")
+    assert sorted(p.name for p in (cache / "store").iterdir()) == [folder.name]

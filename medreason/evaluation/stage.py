@@ -1,0 +1,214 @@
+"""The evaluate stage: what is scored, with which model(s), sharded over processes, written out.
+
+What is scored: the held-out split from prepare (``eval.jsonl``) and any ``eval.benchmarks``
+files (see medreason.benchmarks), with the prompt template the run was trained with. Which
+model: the base alone, base + the run's adapter (final, best or a step checkpoint) or the merged
+model, loaded by medreason.loading.load_for_inference; with ``eval.compare_base`` the base is
+scored too, side by side (for an adapter run the same weights with the adapter switched off, so
+the base costs no second load).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from medreason.benchmarks import jsonl_objects
+from medreason.errors import InputError
+from medreason.evaluation.generation import build_prompt, encode_prompt, generate_texts
+from medreason.evaluation.loss import finish_loss, heldout_loss
+from medreason.evaluation.scoring import headline, score, summarize
+from medreason.loading import InferenceModel, load_for_inference, require_stage
+
+log = logging.getLogger(__name__)
+
+HELDOUT = "heldout"
+
+
+def heldout_records(lines: list[str], where: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Scorable records of prepare's eval.jsonl (those with options and a gold letter)."""
+    records, skipped = [], 0
+    for lineno, rec in jsonl_objects(lines, where):
+        options = rec.get("options_map") or {}
+        gold = rec.get("answer_letter") or ""
+        if not options or not gold:
+            skipped += 1  # open questions, or an answer prepare could not map to a letter
+            continue
+        if gold not in options:
+            raise InputError(
+                f"{where} line {lineno} ({rec.get('uid')}): gold letter {gold!r} is not one of the "
+                f"options {', '.join(options)}; re-run `medreason prepare --force`"
+            )
+        records.append(rec)
+        if limit and len(records) >= limit:
+            break
+    if skipped:
+        log.info("%s: %d records without options or gold letter are not scored", where, skipped)
+    return records
+
+
+@dataclass
+class Dist:
+    """Process layout under ``accelerate launch`` (one process when run plainly)."""
+
+    state: Any = None
+    index: int = 0
+    count: int = 1
+    device: Any = None
+
+    @classmethod
+    def create(cls) -> Dist:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return cls(state=state, index=state.process_index, count=state.num_processes, device=state.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    @contextmanager
+    def shard(self, items: list[Any]) -> Iterator[list[Any]]:
+        if self.count == 1 or self.state is None:
+            yield items
+            return
+        with self.state.split_between_processes(items) as mine:
+            yield list(mine)
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        if self.count == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return list(gather_object(items))
+
+
+# -- the evaluate stage ------------------------------------------------------------------------------------
+def stage_inputs(store: Any, run_id: str, which: str) -> dict[str, str]:
+    """{input stage: manifest hash} of an evaluation; InputError when a needed stage is missing."""
+    from medreason.store import manifest_hash
+
+    inputs = {"prepare": manifest_hash(require_stage(store, run_id, "prepare", "run `medreason prepare` first"))}
+    if which != "none":
+        inputs["train"] = manifest_hash(require_stage(
+            store, run_id, "train", "no committed adapter; run `medreason train` first, or evaluate "
+            "the base alone with --set eval.checkpoint=none"))
+    if which == "merged":
+        inputs["merge"] = manifest_hash(require_stage(store, run_id, "merge", "run `medreason merge` first"))
+    return inputs
+
+
+def scored_sets(prep_dir: str, ecfg: Any) -> dict[str, list[dict[str, Any]]]:
+    """{set name: records}: the held-out split (eval.heldout) and eval.benchmarks."""
+    sets: dict[str, list[dict[str, Any]]] = {}
+    if ecfg.heldout:
+        path = os.path.join(prep_dir, "eval.jsonl")
+        with open(path, encoding="utf-8") as fh:
+            sets[HELDOUT] = heldout_records(fh.read().splitlines(), "prepare/eval.jsonl", ecfg.heldout_limit)
+        if not sets[HELDOUT]:
+            log.warning("the held-out split has no scorable multiple-choice records")
+    if ecfg.benchmarks:
+        from medreason.benchmarks import load_benchmark
+
+        for bench in ecfg.benchmarks:
+            sets[bench.name] = load_benchmark(bench)
+    if not any(sets.values()):
+        raise InputError("nothing to evaluate: eval.heldout is off (or empty) and eval.benchmarks is empty")
+    return sets
+
+
+def _loss_split(prep_dir: str, ecfg: Any, sets: dict[str, list[dict[str, Any]]]) -> tuple[Any, list[int]]:
+    """(prepare's eval token split or None, the indices the held-out loss covers)."""
+    from medreason.tokens import load_split
+
+    path = os.path.join(prep_dir, "eval.tokens.safetensors")
+    if not ecfg.heldout or not os.path.exists(path):
+        return None, []
+    split = load_split(path)
+    # With eval.heldout_limit the loss covers the same records as the accuracy does.
+    scored = {r["uid"] for r in sets.get(HELDOUT, [])} if ecfg.heldout_limit else None
+    return split, [i for i, uid in enumerate(split.uids) if scored is None or uid in scored]
+
+
+def _score_model(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], template: str, ecfg: Any,
+                 dist: Dist) -> list[dict[str, Any]]:
+    """Prediction rows of one model over every set, gathered from all processes, in set order."""
+    prompts_by_set = {
+        name: [build_prompt(rec, template, mut.tokenizer) for rec in records] for name, records in sets.items()
+    }
+    items = [(name, i) for name, records in sets.items() for i in range(len(records))]
+    with dist.shard(items) as mine:
+        ids = [encode_prompt(mut.tokenizer, prompts_by_set[n][i], template) for n, i in mine]
+        texts = generate_texts(
+            mut.model, mut.tokenizer, ids, ecfg.max_new_tokens, ecfg.batch_size,
+            desc=f"generate ({mut.label})", max_batch_tokens=ecfg.max_batch_tokens,
+            cache_bucket_tokens=ecfg.cache_bucket_tokens, compile_mode=ecfg.compile,
+        )
+        local = [score(sets[n][i], t, mut.label, n, prompts_by_set[n][i]) for (n, i), t in zip(mine, texts, strict=True)]
+    gathered = dist.gather(local)
+    order = {(n, sets[n][i]["uid"]): k for k, (n, i) in enumerate(items)}
+    gathered.sort(key=lambda r: order.get((r["set"], r["id"]), 0))
+    return gathered
+
+
+def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | None = None) -> dict[str, Any]:
+    """Score the run's model(s); write predictions.jsonl, metrics.json, report.md and plots.
+
+    Returns {"metrics": ..., "headline": {...}}. Only the main process writes files.
+    """
+    dist = dist or Dist.create()
+    started = time.monotonic()
+    ecfg = cfg.eval
+    which = ecfg.checkpoint
+    require_stage(store, run_id, "prepare", "run `medreason prepare` first")
+    prep_dir = store.materialize(store.stage_rel(run_id, "prepare"))
+    sets = scored_sets(prep_dir, ecfg)
+    models = load_for_inference(store, run_id, which, cfg, dist.device, compare_base=ecfg.compare_base)
+    split, loss_indices = _loss_split(prep_dir, ecfg, sets)
+    predictions: list[dict[str, Any]] = []
+    losses: dict[str, dict[str, float]] = {}
+    for mut in models:
+        with mut.context():
+            predictions.extend(_score_model(mut, sets, cfg.data.template, ecfg, dist))
+            if split is not None and loss_indices:
+                with dist.shard(loss_indices) as mine_idx:
+                    part = heldout_loss(mut.model, split, max(1, min(ecfg.batch_size, 4)), list(mine_idx))
+                losses[mut.label] = finish_loss(dist.gather([part]))
+    metrics = {
+        "run_id": run_id,
+        "checkpoint": which,
+        "models": [m.label for m in models],
+        "model_info": {m.label: m.info for m in models},
+        "template": cfg.data.template,
+        "max_new_tokens": ecfg.max_new_tokens,
+        "sets": summarize(predictions),
+        "heldout_loss": losses,
+        "eval_seconds": round(time.monotonic() - started, 1),
+    }
+    metrics["headline"] = headline(metrics)
+    if dist.is_main:
+        from medreason.report import write_outputs
+
+        train_metrics_rows = read_train_metrics(store, run_id) if which != "none" else []
+        write_outputs(out_dir, predictions, metrics, train_metrics_rows)
+    return {"metrics": metrics, "headline": metrics["headline"]}
+
+
+def read_train_metrics(store: Any, run_id: str) -> list[dict[str, Any]]:
+    rel = f"{store.stage_rel(run_id, 'train')}/metrics.jsonl"
+    if not store.exists(rel):
+        return []
+    rows = []
+    for line in store.read_text(rel).splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
