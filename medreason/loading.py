@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medreason.errors import InputError
+from medreason.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -82,25 +83,6 @@ def load_causal_lm(model_dir: str, model_cfg: Any, device: Any, quantized: bool 
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device)
     model.eval()
     return model
-
-
-def prepare_tokenizer(tokenizer: Any) -> Any:
-    """Left padding and a pad token (= EOS when the tokenizer has none), on this copy only."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_tokenizer(model_dir: str, model_cfg: Any = None, *, for_generation: bool = False) -> Any:
-    """The tokenizer of a local model folder (fast tokenizers read tokenizer.json: well under a
-    second). ``model_cfg`` supplies trust_remote_code (off without it); ``for_generation`` sets
-    left padding and a pad token for batched decoding (``prepare_tokenizer``)."""
-    from transformers import AutoTokenizer
-
-    trust = bool(model_cfg.trust_remote_code) if model_cfg is not None else False
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
-    return prepare_tokenizer(tokenizer) if for_generation else tokenizer
 
 
 # -- a run's stage outputs ----------------------------------------------------------------------

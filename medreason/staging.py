@@ -38,7 +38,6 @@ from typing import Any
 
 from medreason.config import ModelConfig
 from medreason.errors import InputError
-from medreason.loading import load_tokenizer
 from medreason.store import (
     MANIFEST,
     ArtifactStore,
@@ -46,6 +45,7 @@ from medreason.store import (
     model_cache_name,
     sha256_file,
 )
+from medreason.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 

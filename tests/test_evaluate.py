@@ -105,7 +105,7 @@ def tiny(tiny_phi_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medreason.loading import prepare_tokenizer
+    from medreason.tokenizer import prepare_tokenizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_phi_dir, dtype=torch.float32).eval()
