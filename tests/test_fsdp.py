@@ -169,7 +169,9 @@ def test_qlora_and_fsdp1_are_refused_with_exit_2(tmp_path: Path, tiny_phi_dir: P
     v1 = yaml.safe_load(CPU_FSDP.read_text())
     v1["fsdp_config"] = {"fsdp_version": 1, "fsdp_sharding_strategy": "FULL_SHARD",
                          "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                         "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_use_orig_params": True}
+                         "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_use_orig_params": True,
+                         # FSDP1 syncs module states from a GPU; there is none here.
+                         "fsdp_sync_module_states": False, "fsdp_cpu_ram_efficient_loading": False}
     v1_path = tmp_path / "fsdp1.yaml"
     v1_path.write_text(yaml.safe_dump(v1))
     cfg1 = train_config(tmp_path / "one.yaml", model__dtype="bfloat16", max_steps=2)
