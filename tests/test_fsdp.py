@@ -20,8 +20,8 @@ from _fixtures_train import REPO_ROOT, commit_prepare, subprocess_env, train_con
 
 from medreason.store import ArtifactStore
 from medreason.testhooks import STEP_DELAY_ENV
-from medreason.training import committed_checkpoints
 from medreason.train_setup import CPU_KEEP_DTYPE_ENV
+from medreason.training import committed_checkpoints
 
 CPU_FSDP = REPO_ROOT / "accelerate_configs" / "cpu_fsdp.yaml"
 STEPS = 8
