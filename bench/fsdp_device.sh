@@ -13,7 +13,7 @@
 # Knobs for a check of the script itself without a GPU (tiny widths, CPU FSDP over gloo):
 #   FSDP_PROCS=2 FSDP_CONFIG=accelerate_configs/cpu_fsdp.yaml MEDREASON_CPU_KEEP_DTYPE=1 \
 #   FSDP_STAGE_ARGS="--layers 2 --n-train 200 --n-eval 8 --tokenizer-words 20000 --device cpu" \
-#   FSDP_SET="train.micro_batch_size=1 train.pack_len_tokens=256" bash bench/fsdp_device.sh
+#   FSDP_MICRO=1 FSDP_SET="train.pack_len_tokens=1024" bash bench/fsdp_device.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 RES="${OUT:-/tmp/fsdp-bench}"
@@ -29,8 +29,12 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=()
 
-# --set overrides common to every run: N steps, few eval batches, compile as asked.
+# --set overrides common to every run: N steps, few eval batches, compile as asked, 4 packed
+# rows a micro-batch: FSDP runs keep the model's own attention (a dense block-causal mask) and
+# full logits, which took 61.7 GiB at 4 rows on an H100 (bench/RESULTS.md, run "plain"); 8
+# rows could run out of an H200's memory.
 SETS=(--set "train.max_steps=$STEPS" --set "train.eval_every_steps=$STEPS" --set train.eval_max_batches=2
+      --set "train.micro_batch_size=${FSDP_MICRO:-4}"
       --set "train.compile=${FSDP_COMPILE:-false}" --set train.log_every_steps=1)
 for kv in ${FSDP_SET:-}; do SETS+=(--set "$kv"); done
 LAUNCH=(python3 -m accelerate.commands.launch --config_file "$CONFIG" --num_processes "$PROCS")
@@ -64,7 +68,7 @@ new_run single
 part single 110 python3 -m jobs.train --store "$STORE" --run single --preset phi2-bf16 "${SETS[@]}"
 new_run fsdp
 part fsdp 130 "${LAUNCH[@]}" -m jobs.train --store "$STORE" --run fsdp --preset phi2-bf16 "${SETS[@]}"
-grep -h "processes per step\|training paths" "$RES/fsdp.log" | head -n 2
+grep -H "training paths" "$RES/single.log" "$RES/fsdp.log"  # attention and loss differ: say which
 
 # Preemption: SIGTERM to the workers (what a scheduler that signals every task, or
 # slurm/common.sh's trap, does); torchrun itself exits 1 whatever its workers return, so the
