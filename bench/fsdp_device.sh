@@ -13,7 +13,7 @@
 # Knobs for a check of the script itself without a GPU (tiny widths, CPU FSDP over gloo):
 #   FSDP_PROCS=2 FSDP_CONFIG=accelerate_configs/cpu_fsdp.yaml MEDREASON_CPU_KEEP_DTYPE=1 \
 #   FSDP_STAGE_ARGS="--layers 2 --n-train 200 --n-eval 8 --tokenizer-words 20000 --device cpu" \
-#   FSDP_MICRO=1 FSDP_SET="train.pack_len_tokens=1024" bash bench/fsdp_device.sh
+#   FSDP_MICRO=1 FSDP_SET="train.pack_len_tokens=256 data.max_len_tokens=256" bash bench/fsdp_device.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 RES="${OUT:-/tmp/fsdp-bench}"

@@ -180,3 +180,53 @@ def test_qlora_and_fsdp1_are_refused_with_exit_2(tmp_path: Path, tiny_phi_dir: P
     assert proc.returncode != 0
     assert proc.stderr.count("FSDP needs fsdp_version: 2") == 2, proc.stderr[-4000:]
     assert "(exitcode: 2)" in proc.stderr and "Loading weights" not in proc.stderr
+
+
+FLATTEN_PROBE = r'''
+import os, sys, functools
+import torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from transformers.models.phi.modeling_phi import PhiDecoderLayer
+from peft import LoraConfig, get_peft_model
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+
+def lora_model():
+    base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+    base.requires_grad_(False)
+    return get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "fc1"]))
+
+model = lora_model()
+print("dtypes", sorted({str(p.dtype) for p in model.parameters()}))
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+try:
+    FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"),
+                             auto_wrap_policy=functools.partial(transformer_auto_wrap_policy,
+                                                                transformer_layer_cls={PhiDecoderLayer}))
+    print("fsdp1 ok")
+except ValueError as exc:
+    print("fsdp1 error:", exc)
+model = lora_model()
+for layer in model.base_model.model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+ids = torch.tensor([[5, 6, 7, 8]])
+model(input_ids=ids, labels=ids).loss.backward()
+grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+print("fsdp2 ok", all(g is not None for g in grads), len(grads))
+'''
+
+
+def test_fsdp1_cannot_flatten_float32_lora_on_bf16_base_fsdp2_can(tmp_path: Path, tiny_phi_dir: Path) -> None:
+    """Why fsdp.yaml is version 2: the error a bf16 GPU run got from FSDP1, reproduced on CPU."""
+    script = tmp_path / "probe.py"
+    script.write_text(FLATTEN_PROBE)
+    env = subprocess_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    proc = subprocess.run([sys.executable, str(script), str(tiny_phi_dir)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dtypes ['torch.bfloat16', 'torch.float32']" in proc.stdout
+    assert "fsdp1 error: Must flatten tensors with uniform dtype but got torch.bfloat16 and torch.float32" \
+        in proc.stdout, proc.stdout
+    assert "fsdp2 ok True 4" in proc.stdout  # q_proj and fc1 in 2 layers
