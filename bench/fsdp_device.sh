@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# FSDP2 on a GPU machine in one call (~6-9 min on one H200), each part under its own time limit:
+# FSDP2 on a GPU machine in one call (at most ~9 min by the limits below), each part under its own
+# time limit:
 #   1. stage random weights of the exact Phi-2 shape and a synthetic prepare stage
 #   2. single: plain `python3 -m jobs.train --preset phi2-bf16` for FSDP_STEPS steps
 #   3. fsdp:   the same through `accelerate launch --config_file accelerate_configs/fsdp.yaml`
@@ -61,13 +62,13 @@ python3 -c "import torch, transformers, peft, accelerate; print('torch', torch._
 transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
 tok=()
 [[ -d .carry/phi2-random-tok ]] && tok=(--tokenizer .carry/phi2-random-tok)
-part stage 150 python3 bench/stage_phi2_random.py --store "$STORE" --run base "${STAGE_ARGS[@]}" "${tok[@]}" || {
+part stage 140 python3 bench/stage_phi2_random.py --store "$STORE" --run base "${STAGE_ARGS[@]}" "${tok[@]}" || {
     echo "staging failed: nothing else can run"; exit 1; }
 
 new_run single
-part single 110 python3 -m jobs.train --store "$STORE" --run single --preset phi2-bf16 "${SETS[@]}"
+part single 90 python3 -m jobs.train --store "$STORE" --run single --preset phi2-bf16 "${SETS[@]}"
 new_run fsdp
-part fsdp 130 "${LAUNCH[@]}" -m jobs.train --store "$STORE" --run fsdp --preset phi2-bf16 "${SETS[@]}"
+part fsdp 110 "${LAUNCH[@]}" -m jobs.train --store "$STORE" --run fsdp --preset phi2-bf16 "${SETS[@]}"
 grep -H "training paths" "$RES/single.log" "$RES/fsdp.log"  # attention and loss differ: say which
 
 # Preemption: SIGTERM to the workers (what a scheduler that signals every task, or
@@ -77,13 +78,13 @@ new_run preempt
 PRE=("${LAUNCH[@]}" -m jobs.train --store "$STORE" --run preempt --preset phi2-bf16 "${SETS[@]}"
      --set "train.save_every_steps=$SAVE_EVERY")
 preempt() {
-    local ckpts="$STORE/runs/preempt/train/checkpoints" launcher workers deadline=$((SECONDS + 100))
+    local ckpts="$STORE/runs/preempt/train/checkpoints" launcher workers deadline=$((SECONDS + 90))
     # Step delay (a test hook): widens the window between the first checkpoint and the end.
     MEDREASON_TEST_STEP_DELAY_S=0.3 "${PRE[@]}" >"$RES/preempt.log" 2>&1 &
     launcher=$!
     until compgen -G "$ckpts/step-*/MANIFEST.json" >/dev/null; do
         if ! kill -0 "$launcher" 2>/dev/null || ((SECONDS > deadline)); then
-            echo "no checkpoint before the run ended or 100 s passed"; kill "$launcher" 2>/dev/null; wait "$launcher"
+            echo "no checkpoint before the run ended or 90 s passed"; kill "$launcher" 2>/dev/null; wait "$launcher"
             return 1
         fi
         sleep 0.2
@@ -92,6 +93,15 @@ preempt() {
     echo "first checkpoint committed: $(ls "$ckpts"); SIGTERM to workers $(echo "$workers" | tr '\n' ' ')"
     # shellcheck disable=SC2086  # one pid per word
     kill -TERM $workers
+    local stop_by=$((SECONDS + 60))
+    while kill -0 "$launcher" 2>/dev/null && ((SECONDS < stop_by)); do sleep 0.5; done
+    if kill -0 "$launcher" 2>/dev/null; then
+        echo "still running 60 s after SIGTERM"
+        # shellcheck disable=SC2086
+        kill -KILL $workers "$launcher" 2>/dev/null
+        wait "$launcher"
+        return 1
+    fi
     wait "$launcher"
     echo "launcher rc=$? (torchrun: 1 when a worker exits non-zero)"
     local exits
@@ -104,7 +114,7 @@ preempt() {
 echo "== preempt: start $(date -u +%H:%M:%S)"
 if preempt; then
     echo "== preempt: ok"
-    part resume 110 "${PRE[@]}" || true
+    part resume 90 "${PRE[@]}" || true
     grep -h "resuming from" "$RES/resume.log" | head -n 1
     if ! grep -q "resuming from" "$RES/resume.log" || [[ ! -f "$STORE/runs/preempt/train/MANIFEST.json" ]]; then
         FAILED+=("resume (did not resume or commit)")
