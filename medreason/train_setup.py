@@ -279,10 +279,10 @@ def build_model(cfg: Config, store: ArtifactStore, acc: Any, data: TrainData,
     if resume is not None:
         load_adapter(model, resume)
     if mc.quantization == "none" and not fsdp:
-        # Under FSDP, prepare() shards and places the model (with cpu_ram_efficient_loading
-        # the other ranks hold meta tensors until rank 0's weights are broadcast).
+        # Under FSDP, prepare() shards the model and fully_shard moves each rank's shards
+        # to its device: the whole model never has to fit on one GPU.
         model.to(device)
-    # Only without FSDP: its flat-sharded lm_head weight cannot be used outside forward.
+    # Only without FSDP: FSDP2's sharded (DTensor) lm_head weight is whole only inside forward.
     head = TargetHead.install(model) if fast and not fsdp else None
     wrapped, optimizer = acc.prepare(model, _make_optimizer(cfg, model, device.type))
     # Not passed through accelerator.prepare: its scheduler wrapper steps once per process
