@@ -96,7 +96,9 @@ def make_context(preset, config_file, overrides, store, run_id, force) -> JobCon
     artifact_store = ArtifactStore(store)
     # Before any model or data is loaded: a store that cannot be written exits 2 now (StoreError),
     # one that does not answer is retried, then exits 1 (StoreUnavailable), in one line each.
-    artifact_store.probe()
+    # Only the process that writes (rank 0) probes: the other ranks never write to the store.
+    if process_rank() == 0:
+        artifact_store.probe()
     return JobContext(config=config, store=artifact_store, run_id=run_id, force=force,
                       preset=preset)
 

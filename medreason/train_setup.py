@@ -22,6 +22,10 @@ from medreason.train_step import FAST_PATH_ENV, TargetHead, add_fast_fields, fas
 
 log = logging.getLogger("medreason.training")
 
+# Set to 1: keep model.dtype (e.g. bfloat16) without CUDA instead of forcing float32. For tests
+# and CPU checks of what a GPU run does with a bf16 base and float32 adapters (FSDP); slow.
+CPU_KEEP_DTYPE_ENV = "MEDREASON_CPU_KEEP_DTYPE"
+
 
 def make_accelerator() -> Any:
     """The Accelerator for this process (its settings come from `accelerate launch`).
@@ -36,13 +40,50 @@ def make_accelerator() -> Any:
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     cpu = world > 1 and not torch.cuda.is_available()
-    return Accelerator(cpu=cpu) if cpu else Accelerator()
+    if not cpu:
+        return Accelerator()
+    acc = Accelerator(cpu=True)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _shard_on_cpu(acc)
+    return acc
+
+
+def _shard_on_cpu(acc: Any) -> None:
+    """Turn a CPU (gloo) Accelerator into an FSDP one (accelerate_configs/cpu_fsdp.yaml).
+
+    accelerate only selects FSDP on a GPU-type backend: with cpu=True it builds the FSDP plugin
+    from the launcher's settings and then runs plain data parallel. torch's FSDP shards over gloo
+    on CPU, so we put the plugin in charge; prepare() then shards the model the way it does on
+    GPUs, which lets CPU tests run the FSDP code paths (sharding, state-dict gathering, resume).
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = getattr(acc.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
 
 
 def is_fsdp(acc: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return acc.distributed_type == DistributedType.FSDP
+
+
+def check_fsdp(cfg: Config, acc: Any) -> None:
+    """Refuse (exit 2, before the model loads) the FSDP runs that cannot work here."""
+    if not is_fsdp(acc):
+        return
+    if cfg.model.quantization != "none":
+        # bitsandbytes' int8/NF4 weights are not shardable DTensors unless stored as bf16
+        # (bnb_4bit_quant_storage), a setup this project does not run; QLoRA's base is small
+        # enough for every GPU to hold it, which is what DDP does.
+        raise InputError(f"model.quantization={cfg.model.quantization} (QLoRA) is not supported with FSDP; "
+                         "run QLoRA with DDP: accelerate launch --config_file accelerate_configs/multi_gpu.yaml")
+    if not acc.is_fsdp2:
+        # FSDP1 flattens a unit's parameters into one tensor of one dtype, and PEFT keeps the
+        # adapters in float32 on a bf16 base ("Must flatten tensors with uniform dtype").
+        raise InputError("FSDP needs fsdp_version: 2 in the accelerate config (FSDP1 cannot hold "
+                         "float32 LoRA weights on a bf16 base); use accelerate_configs/fsdp.yaml")
 
 
 def resolve_model_dir(store: ArtifactStore, model_cfg: ModelConfig) -> str:
@@ -213,6 +254,10 @@ def _set_precision(cfg: Config, device_type: str) -> Any:
         # TF32 keeps float32 storage and a 10-bit mantissa in the product, more than bf16's 7.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device_type != "cuda" and os.environ.get(CPU_KEEP_DTYPE_ENV, "").strip() == "1":
+        log.info("%s=1: training in model.dtype=%s without CUDA", CPU_KEEP_DTYPE_ENV, cfg.model.dtype)
+        # The mapping of a CUDA run: the point is to run the GPU's dtypes on this device.
+        return modeling.compute_dtype(cfg.model, "cuda")
     return modeling.compute_dtype(cfg.model, device_type)
 
 
@@ -228,19 +273,16 @@ def build_model(cfg: Config, store: ArtifactStore, acc: Any, data: TrainData,
 
     mc, tc, device = cfg.model, cfg.train, acc.device
     fsdp = is_fsdp(acc)
-    if mc.quantization != "none" and fsdp:
-        raise InputError(f"model.quantization={mc.quantization} cannot be sharded with FSDP here "
-                         "(bitsandbytes weights); use accelerate_configs/multi_gpu.yaml (DDP)")
     dtype = _set_precision(cfg, device.type)
     fast = fast_path_enabled(device.type)
     model, attn_impl, pad_id, n_base = _load_peft_model(cfg, store, acc, data.layout, dtype, fast)
     if resume is not None:
         load_adapter(model, resume)
     if mc.quantization == "none" and not fsdp:
-        # Under FSDP, prepare() shards and places the model (with cpu_ram_efficient_loading
-        # the other ranks hold meta tensors until rank 0's weights are broadcast).
+        # Under FSDP, prepare() shards the model and fully_shard moves each rank's shards
+        # to its device: the whole model never has to fit on one GPU.
         model.to(device)
-    # Only without FSDP: its flat-sharded lm_head weight cannot be used outside forward.
+    # Only without FSDP: FSDP2's sharded (DTensor) lm_head weight is whole only inside forward.
     head = TargetHead.install(model) if fast and not fsdp else None
     wrapped, optimizer = acc.prepare(model, _make_optimizer(cfg, model, device.type))
     # Not passed through accelerator.prepare: its scheduler wrapper steps once per process

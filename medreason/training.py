@@ -50,6 +50,7 @@ from medreason.train_setup import (
     TrainData,
     TrainModel,
     build_model,
+    check_fsdp,
     load_data,
     log_paths,
     make_accelerator,
@@ -287,6 +288,10 @@ class Trainer:
         if tc.max_grad_norm is not None or log_now:
             max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
             grad_norm = self.acc.clip_grad_norm_(tm.model.parameters(), max_norm)
+            if tm.fsdp and hasattr(grad_norm, "full_tensor"):
+                # FSDP2 returns the norm as a replicated DTensor; the guard's all-gather and
+                # the metrics take plain tensors.
+                grad_norm = grad_norm.full_tensor()
             self.guard.observe(grad_norm, step + 1)
         lr = tm.scheduler.get_last_lr()[0]
         tm.optimizer.step()
@@ -403,6 +408,7 @@ def setup(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict
     """Data, resume decision, model, state and metrics of a run, in that order."""
     # Parsed first so a malformed MEDREASON_PROFILE fails before the model is loaded.
     profiler = StepProfiler(os.environ.get(PROFILE_ENV), acc.is_main_process)
+    check_fsdp(cfg, acc)  # before data, resume and model: a refused setup costs nothing
     ckpt = CheckpointClient(cfg, store, run_id, {"prepare": manifest_hash(prepare_manifest)}, acc)
     data = load_data(cfg, store, run_id, acc)
     point = ckpt.resume_point(force)

@@ -52,6 +52,8 @@ ACCEL_EXPECTED = {
     "multi_node.yaml": ("MULTI_GPU", 16, False),
     # MULTI_GPU is the type whose launcher (torchrun) starts num_processes workers; see the file.
     "cpu.yaml": ("MULTI_GPU", 2, True),
+    # FSDP2 over gloo: the job hands accelerate's FSDP plugin to prepare() itself on CPU.
+    "cpu_fsdp.yaml": ("FSDP", 2, True),
 }
 
 
@@ -82,13 +84,19 @@ def test_fsdp_config_values_are_ones_accelerate_knows() -> None:
     from accelerate.utils import constants
 
     fsdp = load_config_from_file(str(ACCEL_DIR / "fsdp.yaml")).fsdp_config
-    assert fsdp["fsdp_use_orig_params"] is True  # LoRA: frozen + trainable params in one unit
+    # FSDP2: FSDP1's flat parameters cannot mix the bf16 base with float32 LoRA weights.
+    assert fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_reshard_after_forward"] is True  # FULL_SHARD's version-2 form: a bool
+    # FSDP1-only keys accelerate rejects or ignores under version 2.
+    assert not {"fsdp_sharding_strategy", "fsdp_use_orig_params", "fsdp_backward_prefetch",
+                "fsdp_sync_module_states"} & set(fsdp)
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert fsdp["fsdp_state_dict_type"] in ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # rank 0 writes plain PEFT files
     assert fsdp["fsdp_auto_wrap_policy"] in constants.FSDP_AUTO_WRAP_POLICY
     assert fsdp["fsdp_state_dict_type"] in constants.FSDP_STATE_DICT_TYPE
-    assert fsdp["fsdp_sharding_strategy"] in constants.FSDP_SHARDING_STRATEGY
-    assert fsdp["fsdp_backward_prefetch"] in constants.FSDP_BACKWARD_PREFETCH
+    # The CPU twin used by the tests shards the same way.
+    cpu = load_config_from_file(str(ACCEL_DIR / "cpu_fsdp.yaml")).fsdp_config
+    assert cpu == fsdp
     # `accelerate launch` copies each fsdp_config key onto its option of the same name; a key
     # without one would be dropped silently.
     options = {action.dest for action in launch_command_parser()._actions}
