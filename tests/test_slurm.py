@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -459,3 +461,13 @@ def test_e2e_sweep_of_three_demo_trainings(slurm_cluster: Any, tmp_path: Path, d
         table.append(f"sw-{i} lr={lr} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in sorted(manifest["metrics"].items())))
     print("\n".join(table))
+    # The three runs side by side: `medreason compare` names the one config key that differs.
+    out = tmp_path / "comparison"
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "compare", "sw-0", "sw-1", "sw-2",
+                           "--store", str(store), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table_md = (out / "comparison.md").read_text()
+    assert all(f"sw-{i}" in table_md for i in range(3)), table_md
+    assert "train.learning_rate" in table_md, table_md
+    print(table_md)
