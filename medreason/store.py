@@ -167,16 +167,32 @@ def local_scratch(prefix: str = "medreason-") -> str:
     return tempfile.mkdtemp(prefix=prefix)
 
 
-def _create_local(target: str, data: bytes) -> bool:
-    """Local half of ArtifactStore.create_bytes."""
+def _write_durable(path: str, data: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> None:
+    """Write ``data`` to ``path`` and fsync it (FileExistsError with O_EXCL in ``flags``)."""
+    with os.fdopen(os.open(path, flags, 0o644), "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def _local_temp(target: str, data: bytes) -> Iterator[str]:
+    """A durable hidden temp copy of ``data`` beside ``target`` (listings skip it), removed on exit."""
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(target)}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_durable(tmp, data)
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _create_local(target: str, data: bytes) -> bool:
+    """Local half of ArtifactStore.create_bytes: a hard link of a complete temp file never
+    exists half-written; O_EXCL is the fallback where links are not supported."""
+    with _local_temp(target, data) as tmp:
         try:
             os.link(tmp, target)
             return True
@@ -186,17 +202,10 @@ def _create_local(target: str, data: bytes) -> bool:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
                 raise
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _write_durable(target, data, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 class LeaseCheck(Protocol):
@@ -509,18 +518,8 @@ class ArtifactStore:
         """Write one file atomically (temp + rename locally; a single PUT on object stores)."""
         target = self.full(rel)
         if self.is_local:
-            folder = os.path.dirname(target)
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".{os.path.basename(target)}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            with _local_temp(target, data) as tmp:
                 os.replace(tmp, target)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
         else:
             self.fs.pipe_file(target, data)
 

@@ -106,7 +106,9 @@ def test_two_committing_writers_leave_one_consistent_commit(store_uri, tmp_path)
 
 
 def test_an_expired_lease_is_taken_over_with_a_warning(store_uri, tmp_path, caplog):
-    holder = Worker(store_uri, {"mode": "hold", "ttl_s": 1.5, "renew_every_s": 0.3,
+    # ttl 5 s: long enough that a loaded 2-core machine still sees the lease alive right after
+    # the kill, short enough to wait out.
+    holder = Worker(store_uri, {"mode": "hold", "ttl_s": 5.0, "renew_every_s": 0.5,
                                 "release_file": str(tmp_path / "never")})
     assert holder.event()["event"] == "ready"
     held = holder.event()
