@@ -303,6 +303,9 @@ def log_evaluation(cfg: Any, store: Any, run_id: str, metrics: dict[str, Any], n
     names = [n for n in names if n not in missing]
     if not names:
         return
+    from accelerate import PartialState
+
+    PartialState()  # accelerate's trackers log through it (already there under evaluate's Dist)
     previous = read_record(store, run_id)
     prefix = f"evaluate/{name}/" if name else "evaluate/"
     values = {prefix + k: v for k, v in numeric(metrics).items()}

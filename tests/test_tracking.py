@@ -8,6 +8,7 @@ tracker run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from _fixtures_eval import build_run, set_args
+from _fixtures_train import wait_for
 from conftest import _free_port, _wait_http
 
 TRAIN = ["train.max_steps=4", "train.micro_batch_size=2", "train.eval_every_steps=2",
@@ -45,9 +47,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
     finally:
         proc.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:  # gunicorn workers that ignore SIGTERM
             proc.kill()
             proc.wait()
         log_fh.close()
@@ -151,9 +153,19 @@ def _wandb_records(path: Path) -> list:
     return out
 
 
+def _has_exit(path: Path) -> bool:
+    try:
+        return any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(path))
+    except Exception:  # a record cut short by a write in progress
+        return False
+
+
 def _wandb_run(folder: Path) -> tuple[str, dict, list[dict]]:
     """(run id, config, history rows) of one offline run folder."""
     (path,) = folder.glob("run-*.wandb")
+    # wandb's service process writes the file; finish() returns before it has flushed the
+    # last blocks (a job's exit waits for it), so wait for the run's exit record.
+    wait_for(lambda: _has_exit(path), 60, what=f"the exit record in {path}")
     run_id, config, history = "", {}, []
     for record in _wandb_records(path):
         kind = record.WhichOneof("record_type")
