@@ -105,6 +105,9 @@ def mlflow_unreachable() -> str | None:
     from medreason.store import redact
 
     uri = mlflow.get_tracking_uri()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        log.warning("MLFLOW_TRACKING_URI is not set: MLflow writes to %s, relative to the working "
+                    "directory of this job (in a container, lost with it)", redact(uri))
     if not uri.startswith(("http://", "https://")):
         return None
     try:
@@ -224,7 +227,8 @@ class Tracking:
                 self.trackers.append(tracker)
         # Registered on the Accelerator: accelerator.log / get_tracker reach the same trackers.
         self.acc.trackers.extend(self.trackers)
-        self.record = {"run_id": self.run_id, **{t.name: tracker_ids(t) for t in self.trackers}}
+        # Ids of a tracker that could not start this time are kept: a later job continues it.
+        self.record = {**previous, "run_id": self.run_id, **{t.name: tracker_ids(t) for t in self.trackers}}
         resumed = [t.name for t in self.trackers if previous.get(t.name)]
         log.info("reporting to %s%s", ", ".join(t.name for t in self.trackers) or "no tracker",
                  f" (continuing the recorded runs of {', '.join(resumed)})" if resumed else "")

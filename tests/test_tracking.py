@@ -254,3 +254,30 @@ def test_tracker_settings_are_not_part_of_the_stage_hash() -> None:
     assert build_config(overrides=["train.seed=1"]).stage_hash("train") != base.stage_hash("train")
     with pytest.raises(Exception, match="report_to"):
         build_config(overrides=["train.report_to=[comet]"])
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped(mlflow_server: str, monkeypatch, caplog) -> None:
+    import mlflow
+    from accelerate import PartialState
+    from mlflow.tracking import MlflowClient
+
+    from medreason.config import build_config
+    from medreason.tracking import log_to, make_tracker, start_tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not after backoff
+    PartialState()
+    tracker = make_tracker("mlflow", build_config(overrides=["train.report_to=[mlflow]"]), "mid", {}, None)
+    assert start_tracker(tracker, None)
+    run_id = tracker.tracker.info.run_id
+    assert log_to([tracker], {"train/loss": 1.0}, 1) == [tracker]
+    # The server goes away (here: the client now points at a port nobody listens on).
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{_free_port()}")
+    try:
+        assert log_to([tracker], {"train/loss": 0.5}, 2) == []
+    finally:
+        mlflow.set_tracking_uri(mlflow_server)
+        mlflow.end_run()
+    assert "mlflow failed to log step 2" in caplog.text
+    assert "not reporting to it for the rest of this job" in caplog.text
+    assert [m.step for m in MlflowClient(mlflow_server).get_metric_history(run_id, "train/loss")] == [1]
