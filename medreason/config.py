@@ -228,9 +228,9 @@ class Config(_Section):
     def section_hash(self, *sections: str) -> str:
         """sha256 over the canonical JSON of the named sections (all when none named)."""
         data = self.model_dump(mode="json")
-        for section, keys in UNHASHED.items():
-            for key in keys:
-                data[section].pop(key, None)
+        for key in TRACKER_KEYS:
+            data["train"].pop(key, None)
+        data["train"]["report_to"] = []  # hashed as unset: see TRACKER_KEYS
         if sections:
             data = {s: data[s] for s in sections}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
@@ -256,7 +256,9 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 # Where metrics are reported does not change what a stage produces: adding a tracker to a
 # preempted run must not refuse its resume (nor need --force, which would drop its checkpoints).
-UNHASHED: dict[str, tuple[str, ...]] = {"train": ("report_to", "tracker_project", "tracker_run_name")}
+# These fields are left out of the hashes and report_to is hashed as [], its value in every
+# hash made before the trackers came, so the stages committed then keep their hashes.
+TRACKER_KEYS = ("tracker_project", "tracker_run_name")
 
 # Documented environment variables that override config keys (highest precedence).
 ENV_OVERRIDES: dict[str, str] = {

@@ -73,6 +73,7 @@ def _tb_scalars(folder: str, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_mlflow_and_tensorboard_train_resume_then_evaluate(tmp_path: Path, tiny_phi_dir: Path, cli_inproc,
                                                          mlflow_server: str, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
