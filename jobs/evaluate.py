@@ -43,6 +43,9 @@ def evaluate(preset, config_file, overrides, store, run_id, force, verbose) -> N
     # Only the main process commits; every process builds (the questions are sharded).
     done = run_stage(ctx, stage, build, describe=describe, writer=dist.is_main)
     if not done.skipped and done.manifest:
+        from medreason.tracking import log_evaluation
+
+        log_evaluation(cfg, st, run, done.manifest["metrics"])  # to the training's tracker runs
         for key, value in sorted(done.manifest["metrics"].items()):
             if "_accuracy_" in key:
                 log.info("%s = %.3f", key, value)

@@ -123,7 +123,16 @@ class TrainConfig(_Section):
     save_every_steps: int = Field(25, ge=1)
     keep_last_checkpoints: int = Field(3, ge=1)
     log_every_steps: int = Field(1, ge=1)
-    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (rank 0); settings from the environment (MLFLOW_TRACKING_URI, "
+        "WANDB_MODE, WANDB_API_KEY, ...). Not part of the stage hash.",
+    )
+    tracker_project: str | None = Field(
+        None, description="W&B project / MLflow experiment (default 'medreason'; WANDB_PROJECT and "
+        "MLFLOW_EXPERIMENT_NAME win)."
+    )
+    tracker_run_name: str | None = Field(None, description="Tracker run name; default: the run id.")
 
 
 class BenchmarkConfig(_Section):
@@ -219,6 +228,9 @@ class Config(_Section):
     def section_hash(self, *sections: str) -> str:
         """sha256 over the canonical JSON of the named sections (all when none named)."""
         data = self.model_dump(mode="json")
+        for key in TRACKER_KEYS:
+            data["train"].pop(key, None)
+        data["train"]["report_to"] = []  # hashed as unset: see TRACKER_KEYS
         if sections:
             data = {s: data[s] for s in sections}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
@@ -241,6 +253,12 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("model", "data", "lora", "train", "eval"),
     "merge": ("model", "data", "lora", "train", "merge"),
 }
+
+# Where metrics are reported does not change what a stage produces: adding a tracker to a
+# preempted run must not refuse its resume (nor need --force, which would drop its checkpoints).
+# These fields are left out of the hashes and report_to is hashed as [], its value in every
+# hash made before the trackers came, so the stages committed then keep their hashes.
+TRACKER_KEYS = ("tracker_project", "tracker_run_name")
 
 # Documented environment variables that override config keys (highest precedence).
 ENV_OVERRIDES: dict[str, str] = {

@@ -1,4 +1,4 @@
-"""Training metrics: the rows of metrics.jsonl, TensorBoard, the step log line, MFU and ETA."""
+"""Training metrics: the rows of metrics.jsonl (sent to the trackers), the step log line, MFU and ETA."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medreason.tracking import Tracking
 
 log = logging.getLogger("medreason.training")
 
@@ -68,13 +71,19 @@ class Clock:
 
 
 class MetricsLog:
-    """The rows of metrics.jsonl and, with ``tensorboard``, an event folder (rank 0 only)."""
+    """The rows of metrics.jsonl, sent to the run's trackers (medreason.tracking; rank 0 only).
 
-    def __init__(self, tensorboard: bool, total_steps: int):
+    With ``tensorboard`` the events are written in a local folder, restored from a checkpoint on
+    resume, copied into every checkpoint and the final commit, and mirrored to
+    runs/<run>/train/tensorboard/ at each of them.
+    """
+
+    def __init__(self, total_steps: int, tracking: Tracking | None = None):
         self.rows: list[dict[str, Any]] = []
         self.total_steps = total_steps
+        self.tracking = tracking
+        tensorboard = tracking is not None and tracking.tensorboard
         self.tb_dir = tempfile.mkdtemp(prefix="medreason-tb-") if tensorboard else None
-        self.writer: Any = None
 
     def restore(self, checkpoint_dir: str, step: int) -> None:
         """The rows (up to ``step``) and events a checkpoint holds; before open_writer()."""
@@ -88,17 +97,14 @@ class MetricsLog:
             shutil.copytree(events, self.tb_dir, dirs_exist_ok=True)
 
     def open_writer(self) -> None:
-        if self.tb_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(self.tb_dir)
+        """Start the trackers (continuing the run's recorded tracker runs)."""
+        if self.tracking is not None:
+            self.tracking.start(self.tb_dir)
 
     def log_row(self, row: dict[str, Any], pbar: Any, clock: Clock | None = None) -> None:
         self.rows.append(row)
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, row["step"])
+        if self.tracking is not None:
+            self.tracking.log({f"train/{k}": v for k, v in row.items() if k != "step"}, row["step"])
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items() if v is not None}
         if pbar.disable:
             timing = f" {clock.fields(row['step'])}" if clock is not None else ""
@@ -108,16 +114,20 @@ class MetricsLog:
             pbar.set_postfix({k: v for k, v in shown.items() if k in ("loss", "eval_loss", "lr")})
 
     def write_to(self, folder: str) -> None:
-        """metrics.jsonl (and tensorboard/) into a folder about to be committed."""
+        """metrics.jsonl (and tensorboard/, trackers.json) into a folder about to be committed."""
         with open(os.path.join(folder, "metrics.jsonl"), "w", encoding="utf-8") as fh:
             for row in self.rows:
                 fh.write(json.dumps(row, sort_keys=True) + "\n")
-        if self.writer is not None:
-            self.writer.flush()
+        if self.tracking is None:
+            return
+        self.tracking.write_record(folder)
+        if self.tb_dir and os.listdir(self.tb_dir):
+            self.tracking.flush()
             shutil.copytree(self.tb_dir, os.path.join(folder, "tensorboard"), dirs_exist_ok=True)
+            self.tracking.publish_tensorboard(self.tb_dir)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracking is not None:
+            self.tracking.finish()
         if self.tb_dir:
             shutil.rmtree(self.tb_dir, ignore_errors=True)

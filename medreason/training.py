@@ -7,7 +7,8 @@ The pieces live in their own modules; this one wires them up and iterates:
   and the start-of-run line naming the attention path, loss kernel and compile mode.
 - medreason.train_step: a micro-batch's loss (fast-path extras, target-only head).
 - medreason.checkpointing: TrainState, save, load, prune, the resume point, the final commit.
-- medreason.train_metrics: metrics.jsonl rows, TensorBoard, the step log line with its ETA.
+- medreason.train_metrics: metrics.jsonl rows, the step log line with its ETA.
+- medreason.tracking: TensorBoard / W&B / MLflow (train.report_to), rank 0 only.
 
 One optimizer step = ``grad_accum_steps`` micro-batches on each of ``world_size`` ranks (see
 medreason.packing for which rows those are, medreason.train_step for how their losses combine).
@@ -45,6 +46,7 @@ from medreason.packing import epoch_plan, step_counts, step_micro_batches
 from medreason.profiling import PROFILE_ENV, StepProfiler
 from medreason.store import ArtifactStore, manifest_hash
 from medreason.testhooks import STEP_DELAY_ENV
+from medreason.tracking import Tracking
 from medreason.train_metrics import METRIC_KEYS, Clock, MetricsLog, empty_row, peak_flops
 from medreason.train_setup import (
     TrainData,
@@ -409,12 +411,12 @@ def setup(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict
     # Parsed first so a malformed MEDREASON_PROFILE fails before the model is loaded.
     profiler = StepProfiler(os.environ.get(PROFILE_ENV), acc.is_main_process)
     check_fsdp(cfg, acc)  # before data, resume and model: a refused setup costs nothing
+    tracking = Tracking(cfg, store, run_id, acc)  # a tracker package that is missing: exit 2 now
     ckpt = CheckpointClient(cfg, store, run_id, {"prepare": manifest_hash(prepare_manifest)}, acc)
     data = load_data(cfg, store, run_id, acc)
     point = ckpt.resume_point(force)
     tm = build_model(cfg, store, acc, data, point)
-    tensorboard = "tensorboard" in cfg.train.report_to and acc.is_main_process
-    metrics = MetricsLog(tensorboard, data.total_steps)
+    metrics = MetricsLog(data.total_steps, tracking)
     state = _start_state(cfg, acc, data, tm, ckpt, point, metrics)
     metrics.open_writer()
     if acc.is_main_process:
