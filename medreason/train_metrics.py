@@ -10,6 +10,8 @@ import tempfile
 import time
 from typing import Any
 
+from medreason import jsonio
+
 log = logging.getLogger("medreason.training")
 
 # Peak dense bf16 matmul throughput per GPU, for MFU. H100/H200: ~800 TFLOP/s measured with
@@ -111,7 +113,7 @@ class MetricsLog:
         """metrics.jsonl (and tensorboard/) into a folder about to be committed."""
         with open(os.path.join(folder, "metrics.jsonl"), "w", encoding="utf-8") as fh:
             for row in self.rows:
-                fh.write(json.dumps(row, sort_keys=True) + "\n")
+                fh.write(jsonio.dumps_line(row, sort_keys=True) + "\n")
         if self.writer is not None:
             self.writer.flush()
             shutil.copytree(self.tb_dir, os.path.join(folder, "tensorboard"), dirs_exist_ok=True)
