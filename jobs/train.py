@@ -50,13 +50,18 @@ The global batch is micro_batch_size x grad_accum_steps x processes rows.
 @exit_codes
 def train(preset, config_file, overrides, store, run_id, force, verbose):
     ctx = make_context(preset, config_file, overrides, store, run_id, force)
-    from medreason.loading import require_stage
+    from medreason.errors import InputError
     from medreason.store import manifest_hash
     from medreason.training import build_train_stage, make_accelerator
 
     # The input: a committed prepare stage of this run.
-    prepare_manifest = require_stage(ctx.store, ctx.run_id, "prepare",
-                                     f"run `medreason prepare --run {ctx.run_id}` first")
+    prepare_rel = ctx.store.stage_rel(ctx.run_id, "prepare")
+    prepare_manifest = ctx.store.read_manifest(prepare_rel)
+    if prepare_manifest is None:
+        raise InputError(
+            f"no committed prepare stage for run {ctx.run_id} at {ctx.store.display(prepare_rel)}: "
+            f"run `medreason prepare --run {ctx.run_id}` first"
+        )
     stage = Stage("train", {"prepare": manifest_hash(prepare_manifest)})
     accelerator = make_accelerator()
 
