@@ -7,11 +7,13 @@ holder, and a store whose committed folders verify; on the local store and on th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,20 @@ def _finish(proc: subprocess.Popen, log_path: Path, timeout_s: float = 300) -> t
     return proc.returncode, log_path.read_text(errors="replace")
 
 
+@contextlib.contextmanager
+def _holder(args: list[str], log_path: Path, env: dict[str, str],
+            taken: Callable[[], bool]) -> Iterator[subprocess.Popen]:
+    """The first writer, started and past the point ``taken`` says (it holds a lease)."""
+    proc = _spawn(args, log_path, env)
+    try:
+        wait_for(taken, 240, proc, "the first job's lease", log_path)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _lease_taken(store: ArtifactStore, rel: str) -> bool:
     holder = read_holder(store, rel)
     return holder is not None and not holder.expired()
@@ -62,10 +78,8 @@ def test_two_prepares_of_one_run_one_wins_the_other_names_the_holder(
     data = write_jsonl(tmp_path / "records.jsonl", make_records(24))
     store = ArtifactStore(store_uri)
     slow = {"MEDREASON_TEST_SLOW_COMMIT_S": "1.0"}
-    first = _spawn(_prepare_args(store_uri, "r1", tiny_phi_dir, data, 20), tmp_path / "first.log", slow)
-    try:
-        wait_for(lambda: _lease_taken(store, "runs/r1/prepare"), 240, first, "the first prepare's lease",
-                 tmp_path / "first.log")
+    with _holder(_prepare_args(store_uri, "r1", tiny_phi_dir, data, 20), tmp_path / "first.log", slow,
+                 lambda: _lease_taken(store, "runs/r1/prepare")) as first:
         second = _spawn(_prepare_args(store_uri, "r1", tiny_phi_dir, data, 12), tmp_path / "second.log")
         rc2, out2 = _finish(second, tmp_path / "second.log")
         # The waiting twin of the first: same config, waits for the lease, then finds it committed.
@@ -73,10 +87,6 @@ def test_two_prepares_of_one_run_one_wins_the_other_names_the_holder(
                       tmp_path / "twin.log")
         rc1, out1 = _finish(first, tmp_path / "first.log")
         rc3, out3 = _finish(twin, tmp_path / "twin.log")
-    finally:
-        for proc in (first,):
-            if proc.poll() is None:
-                proc.kill()
     assert rc1 == 0, out1
     assert rc2 == 2, out2
     assert "runs/r1/prepare is being written by another job: lease held by owner" in out2
@@ -94,14 +104,12 @@ def test_a_waiting_prepare_with_another_config_conflicts_after_the_wait(tiny_phi
     store_uri = str(tmp_path / "store")
     data = write_jsonl(tmp_path / "records.jsonl", make_records(24))
     store = ArtifactStore(store_uri)
-    first = _spawn(_prepare_args(store_uri, "r1", tiny_phi_dir, data, 20), tmp_path / "first.log",
-                   {"MEDREASON_TEST_SLOW_COMMIT_S": "0.5"})
-    wait_for(lambda: _lease_taken(store, "runs/r1/prepare"), 240, first, "the first prepare's lease",
-             tmp_path / "first.log")
-    second = _spawn(_prepare_args(store_uri, "r1", tiny_phi_dir, data, 12) + ["--wait-for-lease", "300"],
-                    tmp_path / "second.log")
-    rc1, out1 = _finish(first, tmp_path / "first.log")
-    rc2, out2 = _finish(second, tmp_path / "second.log")
+    with _holder(_prepare_args(store_uri, "r1", tiny_phi_dir, data, 20), tmp_path / "first.log",
+                 {"MEDREASON_TEST_SLOW_COMMIT_S": "0.5"}, lambda: _lease_taken(store, "runs/r1/prepare")) as first:
+        second = _spawn(_prepare_args(store_uri, "r1", tiny_phi_dir, data, 12) + ["--wait-for-lease", "300"],
+                        tmp_path / "second.log")
+        rc1, out1 = _finish(first, tmp_path / "first.log")
+        rc2, out2 = _finish(second, tmp_path / "second.log")
     assert rc1 == 0, out1
     # Decided again once the lease was its own: the stage is committed with another config.
     assert rc2 == 2 and "different config" in out2 and "--force" in out2, out2
@@ -113,19 +121,16 @@ def test_two_first_time_model_stagings_share_one_staged_model(
     data = write_jsonl(tmp_path / "records.jsonl", make_records(24))
     store = ArtifactStore(store_uri)
     slow = {"MEDREASON_TEST_SLOW_COMMIT_S": "0.7"}
-    first = _spawn(_prepare_args(store_uri, "r1", tiny_phi_dir, data, 20), tmp_path / "first.log", slow)
-    try:
-        def staging() -> bool:
-            leases = store.listdir(lease_folder("cache/models"))
-            return any(_lease_taken(store, f"cache/models/{name}") for name in leases)
 
-        wait_for(staging, 240, first, "the first job's staging lease", tmp_path / "first.log")
+    def staging() -> bool:
+        leases = store.listdir(lease_folder("cache/models"))
+        return any(_lease_taken(store, f"cache/models/{name}") for name in leases)
+
+    with _holder(_prepare_args(store_uri, "r1", tiny_phi_dir, data, 20), tmp_path / "first.log", slow,
+                 staging) as first:
         second = _spawn(_prepare_args(store_uri, "r2", tiny_phi_dir, data, 20), tmp_path / "second.log", slow)
         rc2, out2 = _finish(second, tmp_path / "second.log")
         rc1, out1 = _finish(first, tmp_path / "first.log")
-    finally:
-        if first.poll() is None:
-            first.kill()
     assert rc1 == 0, out1
     assert rc2 == 0, out2
     assert "already staged" in out2  # the second waited and used the first one's result
