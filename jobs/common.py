@@ -121,7 +121,9 @@ def make_context(preset, config_file, overrides, store, run_id, force) -> JobCon
     artifact_store = ArtifactStore(store)
     # Before any model or data is loaded: a store that cannot be written exits 2 now (StoreError),
     # one that does not answer is retried, then exits 1 (StoreUnavailable), in one line each.
-    artifact_store.probe()
+    # Only the writing process (rank 0) probes: the other ranks of a distributed job never write.
+    if process_rank() == 0:
+        artifact_store.probe()
     click_ctx = click.get_current_context(silent=True)
     wait = click_ctx.meta.get("medreason.wait_for_lease", 0.0) if click_ctx is not None else 0.0
     return JobContext(config=config, store=artifact_store, run_id=run_id, force=force,

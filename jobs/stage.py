@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,25 @@ def committed(ctx: Any, stage: Stage) -> dict[str, Any] | None:
     )
 
 
+# The stage lease's ttl (seconds; renewed every quarter of it): how long a killed job's stage
+# stays locked. The default suits the store's latency; a test or a small local store may lower it.
+LEASE_TTL_ENV = "MEDREASON_LEASE_TTL_S"
+
+
+def lease_ttl_s() -> float:
+    from medreason.errors import InputError
+    from medreason.lease import DEFAULT_TTL_S
+
+    raw = os.environ.get(LEASE_TTL_ENV, "")
+    try:
+        ttl_s = float(raw) if raw else DEFAULT_TTL_S
+    except ValueError:
+        ttl_s = -1.0
+    if not (ttl_s > 0 and ttl_s < float("inf")):
+        raise InputError(f"{LEASE_TTL_ENV}={raw!r}: expected a number of seconds > 0")
+    return ttl_s
+
+
 @contextlib.contextmanager
 def stage_write(ctx: Any, stage: Stage, *, writer: bool = True,
                 share: Callable[[Any], Any] | None = None
@@ -108,7 +128,8 @@ def stage_write(ctx: Any, stage: Stage, *, writer: bool = True,
     try:
         outcome: Any = {"done": None}  # a non-writer without share: build
         if writer:
-            lease = acquire(ctx.store, rel, wait_s=ctx.wait_for_lease)
+            ttl_s = lease_ttl_s()
+            lease = acquire(ctx.store, rel, wait_s=ctx.wait_for_lease, ttl_s=ttl_s, renew_every_s=ttl_s / 4)
             outcome = {"done": committed(ctx, stage)}
     except Exception as exc:
         if lease is not None:
