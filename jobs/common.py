@@ -28,9 +28,11 @@ COMMON_HELP = """
 Config sources, lowest precedence first: the schema's defaults, --preset, --config FILE,
 --set dotted.key=value (repeatable), then MEDREASON_MODEL / MEDREASON_DATA.
 \b
-Exit codes: 0 done (or already done), 2 bad usage/config/data (do not retry),
-75 preempted after a checkpoint (requeue: it resumes), 1 anything else.
+Exit codes: 0 done (or already done), 2 bad usage/config/data or the stage is being
+written by another job (do not retry), 75 preempted after a checkpoint (requeue: it
+resumes), 1 anything else (a lost lease too: a retry sees the other writer's commit).
 """
+# The stage jobs (prepare, train, evaluate, merge) add --wait-for-lease (lease_option).
 
 
 @dataclass
@@ -42,6 +44,10 @@ class JobContext:
     run_id: str
     force: bool
     preset: str | None
+    # Seconds to wait for another job's lease on the stage (--wait-for-lease; 0: refuse at once).
+    wait_for_lease: float = 0.0
+    # The lease this process holds on the stage while jobs.stage.run_stage builds and commits it.
+    lease: Any = None
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -85,6 +91,25 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _remember_wait(ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    ctx.meta["medreason.wait_for_lease"] = value
+    return value
+
+
+def lease_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--wait-for-lease SECONDS, for the jobs that write a stage. Not passed to the command:
+    make_context reads it, so a job's signature stays the common one."""
+    return click.option(
+        "--wait-for-lease", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        metavar="SECONDS", envvar="MEDREASON_WAIT_FOR_LEASE", expose_value=False,
+        callback=_remember_wait,
+        help="When another job holds this stage's lease, wait up to SECONDS for it to be released "
+             "or to expire instead of exiting 2 [env MEDREASON_WAIT_FOR_LEASE]. A restarted "
+             "Kubernetes pod should use at least the lease ttl (120 s): its predecessor's lease "
+             "lives on until then.",
+    )(func)
+
+
 def make_context(preset, config_file, overrides, store, run_id, force) -> JobContext:
     from medreason.config import build_config
     from medreason.store import ArtifactStore, validate_segment
@@ -96,11 +121,13 @@ def make_context(preset, config_file, overrides, store, run_id, force) -> JobCon
     artifact_store = ArtifactStore(store)
     # Before any model or data is loaded: a store that cannot be written exits 2 now (StoreError),
     # one that does not answer is retried, then exits 1 (StoreUnavailable), in one line each.
-    # Only the process that writes (rank 0) probes: the other ranks never write to the store.
+    # Only the writing process (rank 0) probes: the other ranks of a distributed job never write.
     if process_rank() == 0:
         artifact_store.probe()
+    click_ctx = click.get_current_context(silent=True)
+    wait = click_ctx.meta.get("medreason.wait_for_lease", 0.0) if click_ctx is not None else 0.0
     return JobContext(config=config, store=artifact_store, run_id=run_id, force=force,
-                      preset=preset)
+                      preset=preset, wait_for_lease=float(wait))
 
 
 def exit_codes(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -117,13 +144,23 @@ def exit_codes(func: Callable[..., Any]) -> Callable[..., Any]:
 
             return scrub(text, uri)
 
-        from jobs.markers import note_failure, note_start  # a stage's FAILED.json marker
+        from jobs.markers import note_failure  # a stage's FAILED.json marker
+        from medreason.lease import LeaseHeld, LeaseLost
 
-        note_start(func.__name__, kwargs)
+        # The failure marker of an earlier attempt is cleared by jobs.stage once this job holds
+        # the stage's lease: before that, the stage folder may be another writer's.
         try:
             return func(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except LeaseHeld as exc:
+            # Another live job writes this stage: no failure marker (the stage has not failed,
+            # and `medreason wait` must keep waiting for the holder's commit).
+            click.echo(f"Error: {safe(str(exc))}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except LeaseLost as exc:
+            click.echo(f"Error: {safe(str(exc))} (exit {EXIT_FAILURE})", err=True)
+            sys.exit(EXIT_FAILURE)
         except Preempted as exc:
             log.warning("%s; exiting %d so the scheduler requeues the job", safe(str(exc)), EXIT_PREEMPTED)
             sys.exit(EXIT_PREEMPTED)

@@ -7,8 +7,8 @@ import time
 
 import click
 
-from jobs.common import COMMON_HELP, common_options, exit_codes, make_context
-from jobs.stage import Built, Stage, run_stage
+from jobs.common import COMMON_HELP, common_options, exit_codes, lease_option, make_context
+from jobs.stage import Built, Stage, adopt_train_config, dist_share, run_stage
 
 log = logging.getLogger("medreason.evaluate")
 
@@ -21,13 +21,19 @@ alone); with eval.compare_base the base is scored too, side by side. What: prepa
 held-out split (eval.heldout) and eval.benchmarks files. Writes runs/<run>/evaluate/:
 predictions.jsonl, metrics.json, report.md, loss_curves.png, accuracy.png.
 Under `accelerate launch` the questions are sharded over the processes.
+model, data, lora and train come from the committed train stage (when there is one); a
+--preset/--config/--set value that contradicts them exits 2 naming both values.
 {COMMON_HELP}""")
 @common_options
+@lease_option
 @exit_codes
 def evaluate(preset, config_file, overrides, store, run_id, force, verbose) -> None:
     from medreason.evaluation.stage import Dist, evaluate_run, stage_inputs
 
     ctx = make_context(preset, config_file, overrides, store, run_id, force)
+    train_manifest = ctx.store.read_manifest(ctx.store.stage_rel(run_id, "train"))
+    if train_manifest is not None:
+        adopt_train_config(ctx, train_manifest, "evaluate")
     cfg, st, run = ctx.config, ctx.store, ctx.run_id
     started = time.monotonic()
     stage = Stage("evaluate", stage_inputs(st, run, cfg.eval.checkpoint))
@@ -41,7 +47,7 @@ def evaluate(preset, config_file, overrides, store, run_id, force, verbose) -> N
         return f"report: {st.display(stage.rel(st, run))}/report.md"
 
     # Only the main process commits; every process builds (the questions are sharded).
-    done = run_stage(ctx, stage, build, describe=describe, writer=dist.is_main)
+    done = run_stage(ctx, stage, build, describe=describe, writer=dist.is_main, share=dist_share(dist))
     if not done.skipped and done.manifest:
         from medreason.tracking import log_evaluation
 

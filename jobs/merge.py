@@ -9,8 +9,8 @@ import time
 
 import click
 
-from jobs.common import COMMON_HELP, common_options, exit_codes, make_context
-from jobs.stage import Built, Stage, run_stage
+from jobs.common import COMMON_HELP, common_options, exit_codes, lease_option, make_context
+from jobs.stage import Built, Stage, adopt_train_config, run_stage
 
 log = logging.getLogger("medreason.merge")
 
@@ -26,8 +26,13 @@ Writes runs/<run>/merge/: model/ (sharded safetensors, tokenizer, config, genera
 config, README.md model card) and adapter.zip. Before committing, the merged model's
 logits are compared with base + adapter on held-out prompts (merge.parity_*): a mismatch
 fails the job (exit 1). --push-to-hub REPO uploads model/ (HF_TOKEN from the environment).
+
+model, data, lora and train come from the committed train stage's manifest (the manifest
+of merge records them and the train manifest's hash under inputs); a --preset/--config/--set
+value that contradicts them exits 2 naming both values.
 {COMMON_HELP}""")
 @common_options
+@lease_option
 @click.option("--push-to-hub", "push_repo", metavar="REPO", default=None,
               help="Also upload the merged model to this hub repo (overrides merge.push_to_hub).")
 @exit_codes
@@ -46,11 +51,13 @@ def merge(preset, config_file, overrides, store, run_id, force, verbose, push_re
     from medreason.store import manifest_hash
 
     ctx = make_context(preset, config_file, overrides, store, run_id, force)
-    cfg, st, run = ctx.config, ctx.store, ctx.run_id
+    st, run = ctx.store, ctx.run_id
     started = time.monotonic()
 
     prep = require_stage(st, run, "prepare", "run `medreason prepare` first")
     train = require_stage(st, run, "train", "no committed adapter; run `medreason train` first")
+    adopt_train_config(ctx, train, "merge")
+    cfg = ctx.config
     inputs = {"prepare": manifest_hash(prep), "train": manifest_hash(train)}
 
     def build(scratch: str) -> Built:

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from jobs.common import COMMON_HELP, common_options, exit_codes, make_context
+from jobs.common import COMMON_HELP, common_options, exit_codes, lease_option, make_context
 from jobs.stage import Built, Stage, run_stage
 
 log = logging.getLogger("medreason.prepare")
@@ -29,10 +29,12 @@ stops prepare (exit 2, naming the file and row).
 \b
 Outputs: train.jsonl, eval.jsonl, train.tokens.safetensors, eval.tokens.safetensors,
 rejects.jsonl, stats.json, MANIFEST.json. Running it again with the same config does
-nothing; a different config needs --force (or a new --run).
+nothing; a different config needs --force (or a new --run). Two jobs staging the same
+model: the second waits for the first's lease and reuses its result.
 {COMMON_HELP}""",
 )
 @common_options
+@lease_option
 @exit_codes
 def prepare(preset: str | None, config_file: str | None, overrides: tuple[str, ...], store: str,
             run_id: str | None, force: bool, verbose: bool) -> None:

@@ -6,7 +6,8 @@ import logging
 
 import click
 
-from jobs.common import COMMON_HELP, common_options, exit_codes, make_context
+from jobs.common import COMMON_HELP, common_options, exit_codes, lease_option, make_context
+from jobs.stage import Built, Stage, dist_share, run_stage
 
 log = logging.getLogger("medreason.train")
 
@@ -31,6 +32,8 @@ norm stops the run before its next checkpoint and exits 2. A checkpoint made wit
 config is refused (exit 2) unless --force, which starts over and removes the old checkpoints;
 --force on a committed train stage redoes it.
 Without a conflict, --force resumes like a plain rerun, so a requeued job keeps its progress.
+One train job per run: rank 0 holds the stage's lease for the whole run (a second job exits 2
+naming the holder, or waits with --wait-for-lease); a job that loses it exits 1 uncommitted.
 
 \b
 Distributed (DDP; FSDP for bf16 LoRA), rank 0 writes to the store, the others wait:
@@ -43,13 +46,15 @@ The global batch is micro_batch_size x grad_accum_steps x processes rows.
 
 @click.command(help=HELP)
 @common_options
+@lease_option
 @exit_codes
 def train(preset, config_file, overrides, store, run_id, force, verbose):
     ctx = make_context(preset, config_file, overrides, store, run_id, force)
     from medreason.errors import InputError
-    from medreason.store import check_stage, manifest_hash
+    from medreason.store import manifest_hash
+    from medreason.training import build_train_stage, make_accelerator
 
-    # 1. The input: a committed prepare stage of this run.
+    # The input: a committed prepare stage of this run.
     prepare_rel = ctx.store.stage_rel(ctx.run_id, "prepare")
     prepare_manifest = ctx.store.read_manifest(prepare_rel)
     if prepare_manifest is None:
@@ -57,23 +62,29 @@ def train(preset, config_file, overrides, store, run_id, force, verbose):
             f"no committed prepare stage for run {ctx.run_id} at {ctx.store.display(prepare_rel)}: "
             f"run `medreason prepare --run {ctx.run_id}` first"
         )
-    inputs = {"prepare": manifest_hash(prepare_manifest)}
-
-    # 2. Already done with this config and these inputs? Then say so and write nothing.
-    done = check_stage(ctx.store, ctx.run_id, "train", ctx.config.stage_hash("train"), inputs, ctx.force)
-    if done is not None:
-        log.info("train of run %s is already committed at %s (best eval loss %s); nothing to do",
-                 ctx.run_id, ctx.store.display(ctx.store.stage_rel(ctx.run_id, "train")),
-                 done.get("metrics", {}).get("best_eval_loss"))
-        return
-
-    # 3. Train (resuming from the newest checkpoint if there is one) and commit.
-    from medreason.training import make_accelerator, train_adapter
-
+    stage = Stage("train", {"prepare": manifest_hash(prepare_manifest)})
     accelerator = make_accelerator()
-    manifest = train_adapter(ctx.config, ctx.store, ctx.run_id, prepare_manifest, ctx.force, accelerator)
+
+    def build(folder: str) -> Built:
+        # Rank 0 holds the stage's lease for the whole run (ctx.lease): checkpoints are
+        # committed under it, resume and --force's removal happen after it was taken.
+        metrics, timings, extra = build_train_stage(ctx.config, ctx.store, ctx.run_id, prepare_manifest,
+                                                    ctx.force, accelerator, folder, ctx.lease)
+        return Built(metrics, timings, extra)
+
+    def describe(manifest: dict) -> str:
+        return f"best eval loss {manifest.get('metrics', {}).get('best_eval_loss')}"
+
+    # Every rank trains; rank 0 commits, keeping checkpoints/ (clear=False).
+    done = run_stage(ctx, stage, build, describe=describe, writer=accelerator.is_main_process,
+                     clear=False, share=dist_share(accelerator))
+    if done.skipped:
+        return
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        m = manifest.get("metrics", {})
+        m = done.manifest.get("metrics", {})
+        log.info("train stage committed at %s", ctx.store.display(done.rel))
         log.info("done: %s steps, final loss %s, best eval loss %s at step %s",
                  m.get("steps"), m.get("final_loss"), m.get("best_eval_loss"), m.get("best_step"))
 

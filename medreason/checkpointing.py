@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medreason import jsonio
 from medreason.config import Config
 from medreason.errors import InputError
 from medreason.store import ArtifactStore, build_manifest
@@ -209,7 +210,7 @@ class CheckpointClient:
     """
 
     def __init__(self, cfg: Config, store: ArtifactStore, run_id: str, inputs: dict[str, str],
-                 accelerator: Any):
+                 accelerator: Any, lease: Any = None):
         self.cfg = cfg
         self.store = store
         self.run_id = run_id
@@ -221,6 +222,9 @@ class CheckpointClient:
         self.train_rel = store.stage_rel(run_id, "train")
         self.ckpt_rel = f"{self.train_rel}/{CHECKPOINTS}"
         self.last_saved_step = -1  # a checkpoint of this step is committed
+        # The train stage's lease (medreason.lease.Lease, rank 0): every checkpoint commit checks
+        # it, so a job whose stage was taken over stops writing there (LeaseLost).
+        self.lease = lease
 
     def display(self, name: str) -> str:
         return self.store.display(f"{self.ckpt_rel}/{name}")
@@ -279,7 +283,7 @@ class CheckpointClient:
     def _write_common(self, folder: str, state: TrainState, metrics: MetricsLog) -> None:
         metrics.write_to(folder)
         with open(os.path.join(folder, "trainer_state.json"), "w", encoding="utf-8") as fh:
-            json.dump(asdict(state), fh, indent=2, sort_keys=True)
+            jsonio.dump(asdict(state), fh)
 
     def save(self, state: TrainState, tm: TrainModel, metrics: MetricsLog) -> str:
         """Commit checkpoint step-<N>; every rank must call it (states are gathered)."""
@@ -310,7 +314,7 @@ class CheckpointClient:
                     metrics={"step": step, "loss": state.last_loss, "eval_loss": state.checkpoint_eval.get(name)},
                     extra={"kind": "checkpoint", "step": step},
                 )
-                self.store.commit_dir(tmp, rel, manifest)
+                self.store.commit_dir(tmp, rel, manifest, lease=self.lease)
             protect = {state.best_checkpoint} if state.best_checkpoint else set()
             prune_checkpoints(self.store, self.ckpt_rel, self.cfg.train.keep_last_checkpoints, protect)
             log.info("checkpoint %s committed (%.1f s)", self.store.display(rel), time.monotonic() - started)
@@ -318,11 +322,12 @@ class CheckpointClient:
         self.last_saved_step = step
         return self.store.display(rel)
 
-    def commit_final(self, state: TrainState, tm: TrainModel, metrics: MetricsLog,
-                     timings_s: dict[str, float]) -> dict[str, Any]:
-        """The final adapter, metrics and the stage manifest (checkpoints stay)."""
+    def write_final(self, folder: str, state: TrainState, tm: TrainModel,
+                    metrics: MetricsLog) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Write the final adapter and metrics into ``folder`` (rank 0; every rank must call it:
+        FSDP gathers the adapter) and return the stage manifest's (metrics, extras). The stage
+        runner (jobs.stage) commits the folder under the stage's lease; checkpoints/ stays."""
         adapter_sd = adapter_state_dict(tm)
-        manifest: dict[str, Any] = {}
         summary = {
             "steps": state.step,
             "epochs": round(state.step / state.steps_per_epoch, 4),
@@ -334,22 +339,16 @@ class CheckpointClient:
             "tokens_seen": state.tokens_seen,
             "trainable_params": sum(p.numel() for p in tm.model.parameters() if p.requires_grad),
         }
+        extra: dict[str, Any] = {}
         if self.is_main:
-            with self.store.staged_folder() as tmp:
-                adapter_dir = os.path.join(tmp, "adapter")
-                os.makedirs(adapter_dir)
-                write_adapter(self.acc, tm, adapter_dir, adapter_sd)
-                self._write_common(tmp, state, metrics)
-                manifest = build_manifest(
-                    stage="train", run_id=self.run_id, config=self.cfg, config_hash=self.config_hash,
-                    inputs=self.inputs, timings_s=timings_s, metrics=summary,
-                    extra={"kind": "stage", "world_size": self.world,
-                           "checkpoints": committed_checkpoints(self.store, self.ckpt_rel)},
-                )
-                manifest = self.store.commit_dir(tmp, self.train_rel, manifest, clear=False)
-            log.info("train stage committed at %s", self.store.display(self.train_rel))
+            adapter_dir = os.path.join(folder, "adapter")
+            os.makedirs(adapter_dir)
+            write_adapter(self.acc, tm, adapter_dir, adapter_sd)
+            self._write_common(folder, state, metrics)
+            extra = {"kind": "stage", "world_size": self.world,
+                     "checkpoints": committed_checkpoints(self.store, self.ckpt_rel)}
         self.acc.wait_for_everyone()
-        return manifest
+        return summary, extra
 
 
 def load_adapter(model: Any, point: ResumePoint) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from medreason import jsonio
 from medreason.errors import InputError
 from medreason.records import normalize_text, parse_options, recover_letter
 from medreason.sources import read_source
@@ -639,6 +640,6 @@ def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(jsonio.dumps_line(row) + "\n")
             n += 1
     return n

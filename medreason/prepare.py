@@ -10,7 +10,6 @@ commits the folder; bench/prepare_throughput.py times this same function.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from medreason import data
+from medreason import data, jsonio
 from medreason.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ def write_files(folder: str, splits: dict[str, tuple[list[dict[str, Any]], Any]]
         save_split(split, os.path.join(folder, f"{name}.tokens.safetensors"))
     data.write_jsonl(os.path.join(folder, "rejects.jsonl"), rejects)
     with open(os.path.join(folder, "stats.json"), "w", encoding="utf-8") as fh:
-        json.dump(stats, fh, indent=2, ensure_ascii=False)
+        jsonio.dump(stats, fh, sort_keys=False, ensure_ascii=False)
 
 
 def build_prepare(cfg: Any, folder: str, *, tokenizer: Any, tokenizer_dir: str | None = None,

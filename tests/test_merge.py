@@ -84,8 +84,10 @@ def test_dequantize_needs_cuda(tmp_path: Path, tiny_phi_dir: Path, cli_inproc) -
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU refusal")
     store_dir = tmp_path / "store"
-    _, _, overrides = build_run(store_dir, tiny_phi_dir)
-    overrides += ["model.dtype=bfloat16", "model.quantization=nf4", "merge.dequantize=true"]
+    # A QLoRA run (the model settings merge reads from the train manifest).
+    _, _, overrides = build_run(store_dir, tiny_phi_dir,
+                                extra=["model.dtype=bfloat16", "model.quantization=nf4"])
+    overrides += ["merge.dequantize=true"]
     code, _, err = cli_inproc("merge", "--store", str(store_dir), "--run", "r1", *set_args(overrides))
     assert code == 2 and "needs a CUDA GPU" in err
 

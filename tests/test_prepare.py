@@ -188,7 +188,8 @@ def test_sigkill_mid_commit_leaves_no_commit_and_the_next_run_completes(tiny_arg
     args = ["--store", str(store), "--run", "r1", *tiny_args]
     stage = store / "runs/r1/prepare"
     # The test hook sleeps 2 s after each uploaded file: kill while the first files are in.
-    proc = _spawn_prepare(args, {"MEDREASON_TEST_SLOW_COMMIT_S": "2"})
+    # A short stage lease: the killed job's lease outlives it until its ttl, the next run waits.
+    proc = _spawn_prepare(args, {"MEDREASON_TEST_SLOW_COMMIT_S": "2", "MEDREASON_LEASE_TTL_S": "4"})
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -209,7 +210,7 @@ def test_sigkill_mid_commit_leaves_no_commit_and_the_next_run_completes(tiny_arg
     assert not st.is_committed("runs/r1/prepare")
     assert check_stage(st, "r1", "prepare", "any", {}, force=False) is None  # a reader sees nothing
     # The next run (no hook) completes and its commit verifies.
-    done = run_cli("prepare", *args)
+    done = run_cli("prepare", *args, "--wait-for-lease", "60")
     assert done.returncode == 0, done.stderr
     manifest = st.verify("runs/r1/prepare", hashes=True)
     assert set(manifest["files"]) | {MANIFEST} == OUTPUTS

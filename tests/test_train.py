@@ -184,10 +184,12 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path, tiny_phi_dir:
     assert rc == 0, err
 
     log_path = tmp_path / "killed.log"
-    slow = {STEP_DELAY_ENV: "0.4"}
+    # A killed job's stage lease lives on for its ttl: a short one, and the reruns wait for it.
+    slow = {STEP_DELAY_ENV: "0.4", "MEDREASON_LEASE_TTL_S": "4"}
+    wait = ("--wait-for-lease", "60")
     # step 4: epoch 0, 4 steps in; step 10: epoch 1, 4 steps in.
     for stop_after in (4, 10):
-        proc = start_train(store_uri, "killed", cfg, log_path, slow)
+        proc = start_train(store_uri, "killed", cfg, log_path, slow, *wait)
         try:
             wait_for(lambda s=stop_after: _has(store, "killed", s), 120, proc, f"step-{stop_after}", log_path)
         finally:
@@ -196,7 +198,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path, tiny_phi_dir:
         assert proc.returncode == -signal.SIGKILL
         assert not store.is_committed("runs/killed/train")
     assert log_path.read_text().count("resuming from") == 1
-    rc, _out, err = cli_inproc("train", "--store", store_uri, "--run", "killed", "--config", cfg)
+    rc, _out, err = cli_inproc("train", "--store", store_uri, "--run", "killed", "--config", cfg, *wait)
     assert rc == 0, err
     assert "resuming from" in err
 
@@ -257,7 +259,8 @@ def test_sigkill_during_s3_checkpoint_upload_keeps_previous(tmp_path: Path, tiny
 
     # The store's test hook sleeps 0.5 s after each uploaded file: a checkpoint of ~8 files
     # takes ~4 s to commit, a window the kill cannot miss.
-    proc = start_train(s3_bucket, "s", cfg, log_path, {"MEDREASON_TEST_SLOW_COMMIT_S": "0.5"})
+    proc = start_train(s3_bucket, "s", cfg, log_path, {"MEDREASON_TEST_SLOW_COMMIT_S": "0.5",
+                                                       "MEDREASON_LEASE_TTL_S": "4"})
     try:
         wait_for(lambda: _has(store, "s", 2), 180, proc, "step-2 committed", log_path)
         wait_for(step4_half_uploaded, 120, proc, "step-4 upload in progress", log_path)
@@ -266,8 +269,10 @@ def test_sigkill_during_s3_checkpoint_upload_keeps_previous(tmp_path: Path, tiny
         proc.wait()
     assert _newest(store, "s") == "step-2"
     assert not store.is_committed(f"{ckpts}/step-4")
-    rc, _out, err = cli_inproc("train", "--store", s3_bucket, "--run", "s", "--config", cfg)
+    rc, _out, err = cli_inproc("train", "--store", s3_bucket, "--run", "s", "--config", cfg,
+                               "--wait-for-lease", "60")
     assert rc == 0, err
+    assert "taking over the expired lease" in err  # the killed job never released it
     assert f"resuming from {store.display(f'{ckpts}/step-2')}" in err
     assert store.read_manifest("runs/s/train")["metrics"]["steps"] == 6
     assert store.is_committed(f"{ckpts}/step-4")
