@@ -54,6 +54,9 @@ medreason_setup_runtime() {
     export TMPDIR="${MEDREASON_SCRATCH:-${TMPDIR:-/tmp}}"
     mkdir -p "$TMPDIR"
     [[ -n "${MEDREASON_STORE:-}" ]] && export MEDREASON_STORE
+    # A job restarted after its predecessor was killed finds that run's stage lease live until
+    # it expires (ttl 120 s): wait for it rather than exit 2. A requeued job takes its own over.
+    export MEDREASON_WAIT_FOR_LEASE="${MEDREASON_WAIT_FOR_LEASE:-180}"
     [[ -n "${HF_HOME:-}" ]] && export HF_HOME
     [[ -n "${HF_HUB_OFFLINE:-}" ]] && export HF_HUB_OFFLINE
 
