@@ -13,35 +13,44 @@ from jobs.stage import Built, Stage, run_stage
 log = logging.getLogger("medreason.evaluate")
 
 
-@click.command(help=f"""Generate answers to held-out and benchmark questions and score them.
+@click.command(help=f"""Score the model on held-out and benchmark questions; write a report.
 
 \b
 Which model: eval.checkpoint = final (default) | best | step-<N> | merged | none (base
 alone); with eval.compare_base the base is scored too, side by side. What: prepare's
-held-out split (eval.heldout) and eval.benchmarks files. Writes runs/<run>/evaluate/:
-predictions.jsonl, metrics.json, report.md, loss_curves.png, accuracy.png.
+held-out split (eval.heldout) and eval.benchmarks files. How: eval.scoring = generate
+(reasoning, then the answer letter) | loglikelihood (the likeliest option, acc and
+acc_norm as lm-evaluation-harness reports them). Writes runs/<run>/evaluate/ (with --name,
+runs/<run>/evaluate/<NAME>/: a separate evaluation with its own config, so several of one
+run coexist): predictions.jsonl, metrics.json, report.md, loss_curves.png, accuracy.png.
 Under `accelerate launch` the questions are sharded over the processes.
 {COMMON_HELP}""")
 @common_options
+@click.option("--name", default=None, metavar="NAME",
+              help="A named evaluation: runs/<run>/evaluate/NAME/ (letters, digits, '-', '_').")
 @exit_codes
-def evaluate(preset, config_file, overrides, store, run_id, force, verbose) -> None:
-    from medreason.evaluation.stage import Dist, evaluate_run, stage_inputs
+def evaluate(preset, config_file, overrides, store, run_id, force, verbose, name) -> None:
+    from medreason.evaluation.stage import Dist, evaluate_run, evaluation_name, stage_inputs
 
+    name = evaluation_name(name)
     ctx = make_context(preset, config_file, overrides, store, run_id, force)
     cfg, st, run = ctx.config, ctx.store, ctx.run_id
     started = time.monotonic()
-    stage = Stage("evaluate", stage_inputs(st, run, cfg.eval.checkpoint))
+    stage = Stage("evaluate", stage_inputs(st, run, cfg.eval.checkpoint), suffix=name)
     dist = Dist.create()
 
     def build(out: str) -> Built:
-        result = evaluate_run(st, run, cfg, out, dist)
-        return Built(result["headline"], {"evaluate": time.monotonic() - started})
+        result = evaluate_run(st, run, cfg, out, dist, name=name)
+        return Built(result["headline"], {"evaluate": time.monotonic() - started},
+                     {"name": name} if name else {})
 
     def describe(_manifest: dict) -> str:
         return f"report: {st.display(stage.rel(st, run))}/report.md"
 
     # Only the main process commits; every process builds (the questions are sharded).
-    done = run_stage(ctx, stage, build, describe=describe, writer=dist.is_main)
+    # The default evaluation's folder holds the named ones (runs/<run>/evaluate/<NAME>/): its
+    # commit replaces its own files and keeps theirs (clear=False).
+    done = run_stage(ctx, stage, build, describe=describe, writer=dist.is_main, clear=name is not None)
     if not done.skipped and done.manifest:
         for key, value in sorted(done.manifest["metrics"].items()):
             if "_accuracy_" in key:
