@@ -74,7 +74,7 @@ def test_named_evaluations_coexist_and_compare(store_uri: str, tmp_path: Path, t
 
     # The same config again: a no-op; another config under a taken name: --force or a new name.
     code, err = _evaluate(cli_inproc, store_uri, loglik, "--name", "final")
-    assert code == 0 and "evaluate/final of run 'r1' is already committed" in err
+    assert code == 0 and "evaluate/final of run r1 is already committed" in err
     code, err = _evaluate(cli_inproc, store_uri, overrides, "--name", "final")
     assert code == 2 and "--force" in err and "evaluate/final" in err
     code, err = _evaluate(cli_inproc, store_uri, overrides, "--name", "../x")
