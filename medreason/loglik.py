@@ -119,13 +119,17 @@ def loglikelihoods(
             mask[row, begin:begin + len(inp)] = 1
             spans.append(begin + len(inp))  # one past the row's last real position
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        # Only the positions that predict a continuation need logits: the others would cost a
+        # [rows x width x vocab] float32 tensor (16 x 400 x 49152 x 4 B = 1.3 GB for SmolLM2)
+        # and its log-softmax. ``first`` is the earliest such position in the batch.
+        first = min(spans[row] - len(encoded[i][1]) for row, i in enumerate(batch))
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device)).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+                           position_ids=positions.to(device), logits_to_keep=width - first).logits
+        logprobs = torch.log_softmax(logits[:, -(width - first):].float(), dim=-1)
         for row, i in enumerate(batch):
             cont = encoded[i][1]
-            end = spans[row]
+            end = spans[row] - first
             part = logprobs[row, end - len(cont):end]
             target = torch.tensor(cont, dtype=torch.long, device=part.device)
             total = float(part.gather(1, target[:, None]).sum())
