@@ -16,7 +16,8 @@ Files are .jsonl, .json (a list of rows, or a mapping id -> row) or .parquet, re
 path, any store URI (s3://bucket/key) or the hub (``hub:<owner>/<repo>/<file>[@<revision>]``),
 by medreason.sources. Options and letters follow medreason.records, the rules prepare uses:
 every record gets 2 to 26 options lettered A.. in order and a gold letter among them; a row
-that breaks this is an InputError naming the file, the row and the fix.
+that breaks this is an InputError naming the file, the row and the fix, or, with the entry's
+``bad_rows: skip``, is left out and counted with its reason (``read_benchmark``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from medreason.errors import InputError
@@ -212,18 +215,71 @@ def to_record(
     }
 
 
-def load_benchmark(bench: Any, rows: list[tuple[str, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+# Why a row cannot be scored, from the InputError it raised: (phrase in the message, reason).
+BAD_ROW_REASONS = (
+    ("no question text", "empty question"),
+    ("no options", "no options"),
+    ("options; between", "fewer than 2 or more than 26 options"),
+    ("in order without gaps", "option letters not A.. in order"),
+    ("has no text", "an option without text"),
+    ("no gold answer", "no gold answer"),
+    ("cannot tell which option", "no gold answer"),
+    ("is not one of", "answer not among the options"),
+    ("is outside the", "answer not among the options"),
+)
+
+
+def bad_row_reason(message: str) -> str:
+    """A short, countable reason for a row's InputError message ('other' when none fits)."""
+    return next((reason for phrase, reason in BAD_ROW_REASONS if phrase in message), "other")
+
+
+@dataclass
+class LoadedBenchmark:
+    """A benchmark's scorable records and, with ``bad_rows: skip``, the rows left out:
+    ``[{"row": 1-based row, "id": the row's id, "reason": short reason, "detail": message}]``."""
+
+    records: list[dict[str, Any]]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def skipped_summary(self) -> dict[str, Any]:
+        """{"skipped": n, "by_reason": {reason: n}, "rows": [...]} for metrics.json."""
+        return {"skipped": len(self.skipped),
+                "by_reason": dict(Counter(s["reason"] for s in self.skipped).most_common()),
+                "rows": self.skipped}
+
+
+def read_benchmark(bench: Any, rows: list[tuple[str, dict[str, Any]]] | None = None) -> LoadedBenchmark:
     """Records of one ``eval.benchmarks`` entry (a BenchmarkConfig), in file order, up to
-    ``limit``; every row is checked (options, gold letter) and a bad one is an InputError naming
-    the benchmark, its file and the row. ``rows``: the file's rows when already read."""
+    ``limit`` rows. Every row is checked (question, options, gold letter); a bad one is an
+    InputError naming the benchmark, its file and the row, or with ``bad_rows: skip`` it is
+    left out and listed with its reason. ``rows``: the file's rows when already read."""
     rows = read_rows(bench.path) if rows is None else rows
     if bench.limit:
         rows = rows[: bench.limit]
-    records = []
+    skip = getattr(bench, "bad_rows", "fail") == "skip"
+    loaded = LoadedBenchmark(records=[])
     for i, (fallback_id, row) in enumerate(rows):
         where = f"benchmark {bench.name!r} ({bench.path}) row {i + 1}"
-        records.append(to_record(row, fallback_id, bench.format, bench.name, dict(bench.fields), where))
-    if not records:
-        raise InputError(f"benchmark {bench.name!r} ({bench.path}) has no rows")
-    log.info("benchmark %s: %d questions from %s", bench.name, len(records), bench.path)
-    return records
+        try:
+            loaded.records.append(to_record(row, fallback_id, bench.format, bench.name, dict(bench.fields), where))
+        except InputError as exc:
+            if not skip:
+                raise
+            detail = str(exc).removeprefix(f"{where}: ")
+            rid = _field(row, dict(bench.fields), "id", "realidx", "id_in_dataset", "pmid", "qid")
+            loaded.skipped.append({"row": i + 1, "id": fallback_id if rid is None else str(rid),
+                                   "reason": bad_row_reason(detail), "detail": detail})
+    if loaded.skipped:
+        log.warning("benchmark %s: %d unusable rows skipped (%s)", bench.name, len(loaded.skipped),
+                    ", ".join(f"{r}: {n}" for r, n in loaded.skipped_summary()["by_reason"].items()))
+    if not loaded.records:
+        what = "no usable rows (all were skipped as bad rows)" if loaded.skipped else "no rows"
+        raise InputError(f"benchmark {bench.name!r} ({bench.path}) has {what}")
+    log.info("benchmark %s: %d questions from %s", bench.name, len(loaded.records), bench.path)
+    return loaded
+
+
+def load_benchmark(bench: Any, rows: list[tuple[str, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """The scorable records of one ``eval.benchmarks`` entry (see ``read_benchmark``)."""
+    return read_benchmark(bench, rows).records

@@ -144,6 +144,12 @@ class BenchmarkConfig(_Section):
         description="Map from this file's column names to question/options/answer_idx/id.",
     )
     limit: int | None = Field(None, ge=1)
+    bad_rows: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A row that cannot be scored (gold letter not among the options, fewer than 2 "
+        "options, no question text, ...): 'fail' stops with its row number; 'skip' leaves it out "
+        "and counts it, with its reason, in metrics.json and the report.",
+    )
 
 
 class EvalConfig(_Section):
@@ -170,6 +176,18 @@ class EvalConfig(_Section):
         "minutes of compilation for Phi-2, so it pays only on long runs.",
     )
     checkpoint: str = Field("final", description="'final', 'best', 'merged', 'none' or 'step-<N>'.")
+    scoring: Literal["generate", "loglikelihood"] = Field(
+        "generate",
+        description="'generate': greedy reasoning, then the answer letter is extracted; "
+        "'loglikelihood': no generation, the option with the highest log-likelihood after "
+        "lm-evaluation-harness's medqa prompt wins (acc and length-normalised acc_norm).",
+    )
+    choices: Literal["text", "letter"] = Field(
+        "text",
+        description="With scoring=loglikelihood, what each option's continuation is: its text "
+        "(acc_norm then corrects for long options) or its letter (lm-eval's medqa_4options "
+        "exactly, for leaderboard comparisons; acc_norm equals acc).",
+    )
 
 
 class MergeConfig(_Section):

@@ -14,6 +14,8 @@ The rules run in this order; the first that yields a valid option letter wins:
    whose match lies inside another option's match, "Vitamin D" inside "Vitamin D deficiency",
    does not count separately). Several different options -> ambiguous -> unparsed.
 
+Letters run A..Z (a question has 2 to 26 options), and a letter counts only when it is one of
+that question's options: "The answer is K" answers a 12-option question, not a 4-option one.
 A letter counts only as a whole token: the "A" of "A patient" or the "D" of "Vitamin D" is
 never an answer. Lowercase letters count only where they cannot be an English word: right
 after "answer is" and followed by punctuation or the end ("the answer is c."), or as the whole
@@ -34,28 +36,28 @@ _DECOR = r"[\s*_`'\"]*"
 # What may follow a letter for it to be a label rather than the first letter of a word.
 _AFTER_LABEL = r"(?![A-Za-z0-9])"
 # A second letter joined to the first ("A and C", "A, C", "A/C", "A or C"): several answers.
-_JOINED = re.compile(r"^[\s*_)\].]*(?:,|/|&|\band\b|\bor\b)\s*\(?\s*[A-Ja-j]" + _AFTER_LABEL)
+_JOINED = re.compile(r"^[\s*_)\].]*(?:,|/|&|\band\b|\bor\b)\s*\(?\s*(?P<letter>[A-Za-z])" + _AFTER_LABEL)
 
 _ANSWER_IS = re.compile(
     r"\b(?:answer|correct\s+(?:option|choice)|best\s+(?:option|choice))\b[\s*_]*"
     r"(?:is|would\s+be|should\s+be|must\s+be|=|:)[\s*_:]*"
     r"(?:(?:probably|likely|most\s+likely|therefore|thus|clearly|definitely)\s+)?"
-    r"(?P<neg>not\s+" + _DECOR + r"[(\[]?" + _DECOR + r"[A-Ja-j]" + _AFTER_LABEL + r"[\s*_)\].,;]*"
+    r"(?P<neg>not\s+" + _DECOR + r"[(\[]?" + _DECOR + r"[A-Za-z]" + _AFTER_LABEL + r"[\s*_)\].,;]*"
     r"(?:but\s+(?:rather\s+)?)?)?"
     + _DECOR + r"[(\[]?" + _DECOR + r"(?:option\s+|choice\s+)?"
-    r"(?P<letter>[A-Ja-j])" + _AFTER_LABEL,
+    r"(?P<letter>[A-Za-z])" + _AFTER_LABEL,
     re.IGNORECASE,
 )
 _FINAL_HEADER = re.compile(r"final\s+answer", re.IGNORECASE)
 # An option label inside a Final Answer section: at its start, in brackets, or after "option".
 _SECTION_LABEL = re.compile(
-    r"(?:^[\s*_#:\-–>]*(?:(?i:is|option|choice)\s+)?[(\[]?\s*(?P<start>[A-J])"
+    r"(?:^[\s*_#:\-–>]*(?:(?i:is|option|choice)\s+)?[(\[]?\s*(?P<start>[A-Z])"
     r"(?=\s*(?:$|[.):\]\-–,*])))"
-    r"|(?:[(\[]\s*(?P<bracket>[A-J])\s*[)\]])"
-    r"|(?:\b(?i:option|choice)\s+(?P<option>[A-J])" + _AFTER_LABEL + r")",
+    r"|(?:[(\[]\s*(?P<bracket>[A-Z])\s*[)\]])"
+    r"|(?:\b(?i:option|choice)\s+(?P<option>[A-Z])" + _AFTER_LABEL + r")",
 )
 _LONE = re.compile(
-    r"^[\s*_`'\"]*[(\[]?\s*(?P<letter>[A-Ja-j])\s*[)\]]?[\s*_`'\"]*"
+    r"^[\s*_`'\"]*[(\[]?\s*(?P<letter>[A-Za-z])\s*[)\]]?[\s*_`'\"]*"
     r"(?:$|[.):\]]\s*(?P<rest>.*)$)",
     re.DOTALL,
 )
@@ -68,6 +70,13 @@ def _valid(letter: str | None, options: dict[str, str]) -> str | None:
     return letter if letter in options else None
 
 
+def _joined(tail: str, options: dict[str, str]) -> bool:
+    """Whether ``tail`` starts by joining a second valid option letter ("A and C", "A, C"):
+    several answers. Only the question's own letters count: "C and x-ray" joins no option."""
+    m = _JOINED.match(tail)
+    return bool(m) and m.group("letter").upper() in options
+
+
 def _by_answer_is(text: str, options: dict[str, str]) -> str | None:
     found = None
     for m in _ANSWER_IS.finditer(text):
@@ -78,7 +87,7 @@ def _by_answer_is(text: str, options: dict[str, str]) -> str | None:
             # by punctuation or the end.
             if not re.match(r"^\s*(?:$|[.),;:!\]*\n])", tail):
                 continue
-        if _JOINED.match(tail):
+        if _joined(tail, options):
             continue  # "the answer is A and C": several answers, this phrase settles nothing
         valid = _valid(letter, options)
         if valid:
@@ -123,7 +132,7 @@ def _by_final_answer(text: str, options: dict[str, str]) -> str | None:
     m = _SECTION_LABEL.search(first_line) or _SECTION_LABEL.search(section)
     if m:
         letter = _valid(m.group("start") or m.group("bracket") or m.group("option"), options)
-        if letter and not _JOINED.match(section[m.end():]):
+        if letter and not _joined(section[m.end():], options):
             return letter
     return _text_match(section, options)
 
@@ -137,7 +146,7 @@ def _by_lone_letter(text: str, options: dict[str, str]) -> str | None:
     rest = (m.group("rest") or "").strip()
     if letter.islower() and rest:
         return None  # "a. ..." could be prose; accept lowercase only as the whole answer
-    if rest and _JOINED.match(stripped[m.start("letter") + 1:]):
+    if rest and _joined(stripped[m.start("letter") + 1:], options):
         return None
     return _valid(letter, options)
 

@@ -119,13 +119,17 @@ def loglikelihoods(
             mask[row, begin:begin + len(inp)] = 1
             spans.append(begin + len(inp))  # one past the row's last real position
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        # Only the positions that predict a continuation need logits: the others would cost a
+        # [rows x width x vocab] float32 tensor (16 x 400 x 49152 x 4 B = 1.3 GB for SmolLM2)
+        # and its log-softmax. ``first`` is the earliest such position in the batch.
+        first = min(spans[row] - len(encoded[i][1]) for row, i in enumerate(batch))
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device)).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+                           position_ids=positions.to(device), logits_to_keep=width - first).logits
+        logprobs = torch.log_softmax(logits[:, -(width - first):].float(), dim=-1)
         for row, i in enumerate(batch):
             cont = encoded[i][1]
-            end = spans[row]
+            end = spans[row] - first
             part = logprobs[row, end - len(cont):end]
             target = torch.tensor(cont, dtype=torch.long, device=part.device)
             total = float(part.gather(1, target[:, None]).sum())
@@ -188,31 +192,56 @@ def score_choices(
     return out
 
 
+def loglik_rows(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[tuple[str, dict[str, Any]]],
+    model_label: str,
+    choices: Literal["text", "letter"] = "text",
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """Rows in the evaluate stage's predictions.jsonl format for ``[(set name, record)]``, the
+    records with ``question``, ``options_map`` and ``answer_letter``; every option of every
+    question is scored in one batched pass.
+
+    The context is lm-eval's medqa prompt; each option's continuation is its text
+    (``choices="text"``) or its letter (``"letter"``: lm-eval's ``medqa_4options`` exactly).
+    ``extracted`` is the ``acc`` pick and ``extracted_norm`` the ``acc_norm`` pick (divided by
+    the continuation's length in characters). A likelihood pick always names an option, so
+    there are no parse failures; ``logliks`` keeps each option's score for later analysis.
+    """
+    questions = []
+    for _set, rec in items:
+        options = rec["options_map"]
+        questions.append((medqa_prompt(rec["question"], options),
+                          list(options) if choices == "letter" else list(options.values())))
+    scores = score_choices(model, tokenizer, questions, batch_size=batch_size)
+    rows = []
+    for (set_name, rec), (prompt, _), sc in zip(items, questions, scores, strict=True):
+        letters = list(rec["options_map"])
+        gold = rec["answer_letter"]
+        letter, letter_norm = letters[sc.pred], letters[sc.pred_norm]
+        rows.append({
+            "model": model_label, "set": set_name, "id": rec["uid"],
+            "source": rec.get("dataset_name", set_name), "prompt": prompt, "generated": "",
+            "extracted": letter, "gold": gold, "correct": letter == gold,
+            "extracted_norm": letter_norm, "correct_norm": letter_norm == gold,
+            "parse_method": f"loglikelihood:{choices}",
+            "logliks": dict(zip(letters, sc.logliks, strict=True)),
+        })
+    return rows
+
+
 def prediction_rows(
     model: Any,
     tokenizer: Any,
     records: Sequence[dict[str, Any]],
     model_label: str,
     set_name: str,
-    metric: Literal["acc", "acc_norm"] = "acc",
+    choices: Literal["text", "letter"] = "letter",
     batch_size: int = 8,
 ) -> list[dict[str, Any]]:
-    """Rows in the evaluate stage's predictions.jsonl format for records with ``question``,
-    ``options_map`` and ``answer_letter``, the letter picked by likelihood (``metric``).
-
-    A likelihood pick always names an option, so ``extracted`` is never None (no parse
-    failures); ``logliks`` keeps each option's score for later analysis.
-    """
-    questions = [(medqa_prompt(r["question"], r["options_map"]), list(r["options_map"])) for r in records]
-    scores = score_choices(model, tokenizer, questions, batch_size=batch_size)
-    rows = []
-    for rec, (prompt, letters), sc in zip(records, questions, scores, strict=True):
-        letter = letters[sc.pred if metric == "acc" else sc.pred_norm]
-        rows.append({
-            "model": model_label, "set": set_name, "id": rec["uid"],
-            "source": rec.get("dataset_name", set_name), "prompt": prompt, "generated": "",
-            "extracted": letter, "gold": rec["answer_letter"], "correct": letter == rec["answer_letter"],
-            "parse_method": f"loglikelihood:{metric}",
-            "logliks": dict(zip(letters, sc.logliks, strict=True)),
-        })
-    return rows
+    """``loglik_rows`` for the records of one set (letters as choices by default, as
+    lm-eval's ``medqa_4options``)."""
+    return loglik_rows(model, tokenizer, [(set_name, r) for r in records], model_label,
+                       choices=choices, batch_size=batch_size)

@@ -31,35 +31,64 @@ def _models(metrics: dict[str, Any]) -> list[str]:
     return [m for m in MODEL_ORDER if m in present] + [m for m in present if m not in MODEL_ORDER]
 
 
+def _loglik(metrics: dict[str, Any]) -> bool:
+    return metrics.get("scoring") == "loglikelihood"
+
+
 def _header_lines(metrics: dict[str, Any], models: list[str]) -> list[str]:
     info = metrics.get("model_info", {})
-    return [
-        f"# Evaluation of run `{metrics.get('run_id', '?')}`",
-        "",
-        f"- checkpoint: `{metrics.get('checkpoint')}`; models: "
-        + ", ".join(f"**{m}** ({info.get(m, {}).get('source', m)})" for m in models),
-        f"- prompt template: `{metrics.get('template')}`; greedy decoding, at most "
-        f"{metrics.get('max_new_tokens')} new tokens",
-        "- accuracy with its 95% Wilson interval and (correct/total); an answer that cannot "
-        "be parsed counts as wrong and is also counted under parse failures",
-        "",
-    ]
+    name = metrics.get("evaluation")
+    title = f"# Evaluation `{name}` of run `{metrics.get('run_id', '?')}`" if name else \
+        f"# Evaluation of run `{metrics.get('run_id', '?')}`"
+    if _loglik(metrics):
+        what = "each option's text" if metrics.get("choices") == "text" else "each option's letter"
+        how = [
+            f"- scoring: log-likelihood of {what} after lm-evaluation-harness's medqa prompt "
+            "(\"Question: ...\\nA. ...\\nAnswer:\"), no generation; **acc** picks the highest "
+            "log-likelihood, **acc_norm** the highest per character of the option, as lm-eval does",
+            "- accuracy with its 95% Wilson interval and (correct/total)",
+        ]
+    else:
+        how = [
+            f"- prompt template: `{metrics.get('template')}`; greedy decoding, at most "
+            f"{metrics.get('max_new_tokens')} new tokens",
+            "- accuracy with its 95% Wilson interval and (correct/total); an answer that cannot "
+            "be parsed counts as wrong and is also counted under parse failures",
+        ]
+    return [title, "", f"- checkpoint: `{metrics.get('checkpoint')}`; models: "
+            + ", ".join(f"**{m}** ({info.get(m, {}).get('source', m)})" for m in models), *how, ""]
+
+
+def _norm_cell(s: dict[str, Any] | None) -> str:
+    if not s or "accuracy_norm" not in s:
+        return "–"
+    return (f"{_pct(s['accuracy_norm'])} [{_pct(s['ci95_low_norm'])}, {_pct(s['ci95_high_norm'])}] "
+            f"({s['correct_norm']}/{s['n']})")
+
+
+def _second_columns(metrics: dict[str, Any], models: list[str],
+                    per_model: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(headers, cells) after the accuracy columns: acc_norm when scored by likelihood (which
+    never fails to parse), else parse failures."""
+    if _loglik(metrics):
+        return [f"{m} acc_norm" for m in models], [_norm_cell(per_model.get(m)) for m in models]
+    return [f"{m} parse failures" for m in models], [
+        f"{per_model[m]['parse_failures']} ({_pct(per_model[m]['parse_failure_rate'])})" if m in per_model else "–"
+        for m in models]
 
 
 def _per_set_lines(metrics: dict[str, Any], models: list[str]) -> list[str]:
     """The accuracy table per eval set, then the fine-tuned - base difference per set."""
     lines = ["## Accuracy per eval set", ""]
-    header = "| set | n | " + " | ".join(f"{m} accuracy" for m in models) + " | " + " | ".join(
-        f"{m} parse failures" for m in models) + " |"
+    acc = "acc" if _loglik(metrics) else "accuracy"
+    second, _ = _second_columns(metrics, models, {})
+    header = "| set | n | " + " | ".join(f"{m} {acc}" for m in models) + " | " + " | ".join(second) + " |"
     lines += [header, "|" + "---|" * (2 + 2 * len(models))]
     for set_name, per_model in metrics.get("sets", {}).items():
         n = next(iter(per_model.values()))["n"]
         cells = [_acc_cell(per_model.get(m)) for m in models]
-        fails = [
-            f"{per_model[m]['parse_failures']} ({_pct(per_model[m]['parse_failure_rate'])})" if m in per_model else "–"
-            for m in models
-        ]
-        lines.append(f"| {set_name} | {n} | " + " | ".join(cells) + " | " + " | ".join(fails) + " |")
+        _, more = _second_columns(metrics, models, per_model)
+        lines.append(f"| {set_name} | {n} | " + " | ".join(cells) + " | " + " | ".join(more) + " |")
     if len(models) == 2:
         lines.append("")
         for set_name, per_model in metrics.get("sets", {}).items():
@@ -94,11 +123,28 @@ def _loss_lines(metrics: dict[str, Any], models: list[str]) -> list[str]:
     return lines
 
 
+def _bad_row_lines(metrics: dict[str, Any]) -> list[str]:
+    """Rows of benchmarks with ``bad_rows: skip`` that were left out, counted by reason."""
+    bad = {k: v for k, v in (metrics.get("bad_rows") or {}).items() if v.get("skipped")}
+    if not bad:
+        return []
+    lines = ["", "## Skipped rows (bad_rows: skip)", "", "| set | skipped | reason | rows |", "|---|---|---|---|"]
+    for set_name, summary in bad.items():
+        for reason, count in summary["by_reason"].items():
+            rows = [str(r["row"]) for r in summary["rows"] if r["reason"] == reason]
+            shown = ", ".join(rows[:20]) + (f", ... ({len(rows) - 20} more)" if len(rows) > 20 else "")
+            lines.append(f"| {set_name} | {count} | {reason} | {shown} |")
+    lines.append("")
+    lines.append("Each skipped row's message is in metrics.json under bad_rows.")
+    return lines
+
+
 def render_report(metrics: dict[str, Any], plots: list[str]) -> str:
-    """report.md: base vs fine-tuned per set and per source, with CIs, parse failures and loss."""
+    """report.md: base vs fine-tuned per set and per source, with CIs, parse failures (or
+    acc_norm when scored by likelihood), skipped bad rows and loss."""
     models = _models(metrics)
     lines = _header_lines(metrics, models) + _per_set_lines(metrics, models)
-    lines += _per_source_lines(metrics, models) + _loss_lines(metrics, models)
+    lines += _per_source_lines(metrics, models) + _bad_row_lines(metrics) + _loss_lines(metrics, models)
     if plots:
         lines += ["", "## Plots", ""]
         for name in plots:

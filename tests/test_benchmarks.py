@@ -105,6 +105,45 @@ def test_bad_rows(tmp_path: Path, row: dict, message: str) -> None:
     assert message in str(info.value)
 
 
+BAD_ROWS = [
+    # (row, the reason it is counted under with bad_rows: skip)
+    ({"question": "Q?", "answer_idx": "A"}, "no options"),
+    ({"question": "Q?", "options": {"A": "x", "B": "y"}, "answer_idx": "E"}, "answer not among the options"),
+    ({"question": "Q?", "options": ["x", "y"], "answer_idx": 5}, "answer not among the options"),
+    ({"question": "Q?", "options": {"A": "x"}, "answer_idx": "A"}, "fewer than 2 or more than 26 options"),
+    ({"question": "Q?", "options": {"A": "x", "C": "y"}, "answer_idx": "A"}, "option letters not A.. in order"),
+    ({"question": "  ", "options": {"A": "x", "B": "y"}, "answer_idx": "A"}, "empty question"),
+    ({"question": "Q?", "options": {"A": "x", "B": "y"}}, "no gold answer"),
+]
+
+
+def test_bad_rows_fail_or_skip(tmp_path: Path) -> None:
+    """bad_rows: fail stops at the first bad row; skip scores the good rows and counts each bad
+    one with its reason."""
+    from medreason.benchmarks import read_benchmark
+
+    good = {"question": "ok", "options": {"A": "x", "B": "y", "C": "z"}, "answer_idx": "C"}
+    lines = [dict(good, id="g1")] + [dict(row, id=f"bad{i}") for i, (row, _) in enumerate(BAD_ROWS)]
+    lines.append(dict(good, id="g2", answer_idx="B"))
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(InputError, match="row 2: no options"):
+        load_benchmark(_bench(path))
+    loaded = read_benchmark(_bench(path, bad_rows="skip"))
+    assert [(r["id_in_dataset"], r["answer_letter"]) for r in loaded.records] == [("g1", "C"), ("g2", "B")]
+    assert [(s["row"], s["id"], s["reason"]) for s in loaded.skipped] == [
+        (i + 2, f"bad{i}", reason) for i, (_, reason) in enumerate(BAD_ROWS)]
+    summary = loaded.skipped_summary()
+    assert summary["skipped"] == len(BAD_ROWS)
+    assert summary["by_reason"]["answer not among the options"] == 2
+    assert "'E' is not one of the option letters A, B" in loaded.skipped[1]["detail"]
+    # Nothing usable left: still an error, saying why.
+    only_bad = tmp_path / "only_bad.jsonl"
+    only_bad.write_text(json.dumps(BAD_ROWS[0][0]) + "\n")
+    with pytest.raises(InputError, match="no usable rows"):
+        read_benchmark(_bench(only_bad, bad_rows="skip"))
+
+
 def test_missing_file_and_offline_hub(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not found"):
         load_benchmark(_bench(tmp_path / "nope.jsonl"))

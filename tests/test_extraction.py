@@ -11,6 +11,8 @@ FOUR = {"A": "Ethosuximide", "B": "Carbamazepine", "C": "Phenytoin", "D": "Vitam
 NERVES = {"A": "Radial nerve", "B": "Axillary nerve", "C": "Musculocutaneous nerve", "D": "Ulnar nerve"}
 TEN = {letter: f"Option text {i}" for i, letter in enumerate("ABCDEFGHIJ")}
 PUBMED = {"A": "yes", "B": "no", "C": "maybe"}
+ALPHABET = {letter: f"Choice number {i}" for i, letter in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ")}
+TWELVE = {k: v for k, v in ALPHABET.items() if k <= "L"}
 
 CASES = [
     # (generation, options, expected letter, expected method)
@@ -29,6 +31,17 @@ CASES = [
     ("The answer is J.", TEN, "J", "answer_is"),
     ("Answer: H", TEN, "H", "answer_is"),
     ("(G) Option text 6", TEN, "G", "lone_letter"),
+    # Letters beyond J, for the questions that have them, and only for those.
+    ("The answer is Z.", ALPHABET, "Z", "answer_is"),
+    ("Answer: (Q)", ALPHABET, "Q", "answer_is"),
+    ("## Final Answer\n(K) Choice number 10", TWELVE, "K", "final_answer"),
+    ("L", TWELVE, "L", "lone_letter"),
+    ("The answer is M.", TWELVE, None, "unparsed"),  # M is not one of A..L
+    ("The answer is K.", TEN, None, "unparsed"),
+    ("At first the answer is X. On reflection, the answer is W.", ALPHABET, "W", "answer_is"),
+    ("The answer is X and Y.", ALPHABET, None, "unparsed"),
+    # "x" of "x-ray" joins no option of a 4-option question: C stands.
+    ("The answer is C and x-ray confirms it.", FOUR, "C", "answer_is"),
     ("Final Answer: B", NERVES, "B", "answer_is"),
     ("## Final Answer\n(D) Ulnar nerve", NERVES, "D", "final_answer"),
     ("**Final Answer**\n\nOption B", NERVES, "B", "final_answer"),

@@ -37,7 +37,8 @@ def heldout_loss(model: Any, split: Any, batch_size: int, indices: list[int] | N
             labels[r, : len(seq)] = torch.as_tensor(split.labels(i))
             mask[r, : len(seq)] = 1
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            # use_cache=False: one teacher-forced pass needs no KV cache (it would only be copied).
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
         shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
         shift_labels = labels[:, 1:].reshape(-1).to(device)
         loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")

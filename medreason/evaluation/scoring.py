@@ -1,7 +1,8 @@
 """Scoring: one prediction row per answer, accuracy with Wilson intervals, headline numbers.
 
 Answers are pulled out of the generations by medreason.extraction (its docstring gives the rule
-order); an unparsed answer counts as wrong and is also counted as a parse failure.
+order); an unparsed answer counts as wrong and is also counted as a parse failure. Rows scored
+by likelihood (medreason.loglik) carry ``correct_norm`` too, summarized as ``accuracy_norm``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     correct = sum(1 for r in rows if r["correct"])
     failures = sum(1 for r in rows if r["extracted"] is None)
     low, high = wilson_interval(correct, n)
-    return {
+    out = {
         "n": n,
         "correct": correct,
         "accuracy": correct / n if n else 0.0,
@@ -49,6 +50,13 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "parse_failures": failures,
         "parse_failure_rate": failures / n if n else 0.0,
     }
+    if any("correct_norm" in r for r in rows):
+        # Likelihood scoring: lm-eval's acc_norm (log-likelihood per character of the option).
+        correct_norm = sum(1 for r in rows if r.get("correct_norm"))
+        low_n, high_n = wilson_interval(correct_norm, n)
+        out.update({"correct_norm": correct_norm, "accuracy_norm": correct_norm / n if n else 0.0,
+                    "ci95_low_norm": low_n, "ci95_high_norm": high_n})
+    return out
 
 
 def summarize(predictions: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -85,16 +93,19 @@ def score(record: dict[str, Any], generated: str, model: str, set_name: str, pro
     }
 
 
-
-
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """Flat numbers for the manifest: <set>_accuracy_<model>, parse failures, held-out loss."""
+    """Flat numbers for the manifest: <set>_accuracy_<model> (and _accuracy_norm_ when scored by
+    likelihood), parse failures, skipped bad rows, held-out loss."""
     out: dict[str, float] = {}
     for set_name, per_model in metrics["sets"].items():
         for model, summary in per_model.items():
             out[f"{set_name}_accuracy_{model}"] = round(summary["accuracy"], 4)
+            if "accuracy_norm" in summary:
+                out[f"{set_name}_accuracy_norm_{model}"] = round(summary["accuracy_norm"], 4)
             out[f"{set_name}_parse_failure_rate_{model}"] = round(summary["parse_failure_rate"], 4)
             out[f"{set_name}_n"] = summary["n"]
+    for set_name, skipped in (metrics.get("bad_rows") or {}).items():
+        out[f"{set_name}_bad_rows_skipped"] = skipped["skipped"]
     for model, loss in metrics.get("heldout_loss", {}).items():
         out[f"heldout_loss_{model}"] = round(loss["loss"], 4)
         out[f"heldout_perplexity_{model}"] = round(loss["perplexity"], 3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,6 +90,21 @@ class Dist:
         return list(gather_object(items))
 
 
+# A named evaluation is a folder under runs/<run>/evaluate/, next to the default evaluation's
+# files: no dot, so a name never collides with one of those files (report.md, metrics.json).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def evaluation_name(name: str | None) -> str | None:
+    """A valid evaluation name (letters, digits, '-' and '_', at most 64) or None; else InputError."""
+    if name is None:
+        return None
+    if not _NAME.fullmatch(name):
+        raise InputError(f"evaluation name {name!r}: use 1-64 letters, digits, '-' or '_', starting with "
+                         "a letter or digit (e.g. --name medqa-loglik)")
+    return name
+
+
 # -- the evaluate stage ------------------------------------------------------------------------------------
 def stage_inputs(store: Any, run_id: str, which: str) -> dict[str, str]:
     """{input stage: manifest hash} of an evaluation; InputError when a needed stage is missing."""
@@ -104,8 +120,10 @@ def stage_inputs(store: Any, run_id: str, which: str) -> dict[str, str]:
     return inputs
 
 
-def scored_sets(prep_dir: str, ecfg: Any) -> dict[str, list[dict[str, Any]]]:
-    """{set name: records}: the held-out split (eval.heldout) and eval.benchmarks."""
+def scored_sets(prep_dir: str, ecfg: Any,
+                bad_rows: dict[str, dict[str, Any]] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """{set name: records}: the held-out split (eval.heldout) and eval.benchmarks. A benchmark
+    with ``bad_rows: skip`` records what it left out in ``bad_rows`` ({set: summary})."""
     sets: dict[str, list[dict[str, Any]]] = {}
     if ecfg.heldout:
         path = os.path.join(prep_dir, "eval.jsonl")
@@ -114,10 +132,13 @@ def scored_sets(prep_dir: str, ecfg: Any) -> dict[str, list[dict[str, Any]]]:
         if not sets[HELDOUT]:
             log.warning("the held-out split has no scorable multiple-choice records")
     if ecfg.benchmarks:
-        from medreason.benchmarks import load_benchmark
+        from medreason.benchmarks import read_benchmark
 
         for bench in ecfg.benchmarks:
-            sets[bench.name] = load_benchmark(bench)
+            loaded = read_benchmark(bench)
+            sets[bench.name] = loaded.records
+            if bench.bad_rows == "skip" and bad_rows is not None:
+                bad_rows[bench.name] = loaded.skipped_summary()
     if not any(sets.values()):
         raise InputError("nothing to evaluate: eval.heldout is off (or empty) and eval.benchmarks is empty")
     return sets
@@ -136,31 +157,49 @@ def _loss_split(prep_dir: str, ecfg: Any, sets: dict[str, list[dict[str, Any]]])
     return split, [i for i, uid in enumerate(split.uids) if scored is None or uid in scored]
 
 
+def _generate_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], template: str, ecfg: Any,
+                   mine: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """Prediction rows of this process's questions, answered by greedy generation."""
+    prompts = {(n, i): build_prompt(sets[n][i], template, mut.tokenizer) for n, i in mine}
+    ids = [encode_prompt(mut.tokenizer, prompts[k], template) for k in mine]
+    texts = generate_texts(
+        mut.model, mut.tokenizer, ids, ecfg.max_new_tokens, ecfg.batch_size,
+        desc=f"generate ({mut.label})", max_batch_tokens=ecfg.max_batch_tokens,
+        cache_bucket_tokens=ecfg.cache_bucket_tokens, compile_mode=ecfg.compile,
+    )
+    return [score(sets[n][i], t, mut.label, n, prompts[(n, i)]) for (n, i), t in zip(mine, texts, strict=True)]
+
+
+def _loglik_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], ecfg: Any,
+                 mine: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """Prediction rows of this process's questions, picked by option log-likelihood."""
+    from medreason.loglik import loglik_rows
+
+    return loglik_rows(mut.model, mut.tokenizer, [(n, sets[n][i]) for n, i in mine], mut.label,
+                       choices=ecfg.choices, batch_size=ecfg.batch_size)
+
+
 def _score_model(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], template: str, ecfg: Any,
                  dist: Dist) -> list[dict[str, Any]]:
     """Prediction rows of one model over every set, gathered from all processes, in set order."""
-    prompts_by_set = {
-        name: [build_prompt(rec, template, mut.tokenizer) for rec in records] for name, records in sets.items()
-    }
     items = [(name, i) for name, records in sets.items() for i in range(len(records))]
     with dist.shard(items) as mine:
-        ids = [encode_prompt(mut.tokenizer, prompts_by_set[n][i], template) for n, i in mine]
-        texts = generate_texts(
-            mut.model, mut.tokenizer, ids, ecfg.max_new_tokens, ecfg.batch_size,
-            desc=f"generate ({mut.label})", max_batch_tokens=ecfg.max_batch_tokens,
-            cache_bucket_tokens=ecfg.cache_bucket_tokens, compile_mode=ecfg.compile,
-        )
-        local = [score(sets[n][i], t, mut.label, n, prompts_by_set[n][i]) for (n, i), t in zip(mine, texts, strict=True)]
+        if ecfg.scoring == "loglikelihood":
+            local = _loglik_rows(mut, sets, ecfg, mine)
+        else:
+            local = _generate_rows(mut, sets, template, ecfg, mine)
     gathered = dist.gather(local)
     order = {(n, sets[n][i]["uid"]): k for k, (n, i) in enumerate(items)}
     gathered.sort(key=lambda r: order.get((r["set"], r["id"]), 0))
     return gathered
 
 
-def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | None = None) -> dict[str, Any]:
+def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | None = None,
+                 name: str | None = None) -> dict[str, Any]:
     """Score the run's model(s); write predictions.jsonl, metrics.json, report.md and plots.
 
-    Returns {"metrics": ..., "headline": {...}}. Only the main process writes files.
+    ``name``: the evaluation's name (None: the run's default evaluation), recorded in
+    metrics.json. Returns {"metrics": ..., "headline": {...}}. Only the main process writes files.
     """
     dist = dist or Dist.create()
     started = time.monotonic()
@@ -168,7 +207,8 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
     which = ecfg.checkpoint
     require_stage(store, run_id, "prepare", "run `medreason prepare` first")
     prep_dir = store.materialize(store.stage_rel(run_id, "prepare"))
-    sets = scored_sets(prep_dir, ecfg)
+    bad_rows: dict[str, dict[str, Any]] = {}
+    sets = scored_sets(prep_dir, ecfg, bad_rows)
     models = load_for_inference(store, run_id, which, cfg, dist.device, compare_base=ecfg.compare_base)
     split, loss_indices = _loss_split(prep_dir, ecfg, sets)
     predictions: list[dict[str, Any]] = []
@@ -182,13 +222,17 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
                 losses[mut.label] = finish_loss(dist.gather([part]))
     metrics = {
         "run_id": run_id,
+        "evaluation": name,
         "checkpoint": which,
+        "scoring": ecfg.scoring,
+        "choices": ecfg.choices if ecfg.scoring == "loglikelihood" else None,
         "models": [m.label for m in models],
         "model_info": {m.label: m.info for m in models},
         "template": cfg.data.template,
         "max_new_tokens": ecfg.max_new_tokens,
         "sets": summarize(predictions),
         "heldout_loss": losses,
+        "bad_rows": bad_rows,
         "eval_seconds": round(time.monotonic() - started, 1),
     }
     metrics["headline"] = headline(metrics)
