@@ -26,6 +26,7 @@ from typing import Any
 
 from medreason.errors import InputError
 from medreason.evaluation.scoring import wilson_interval
+from medreason.report import error_bar_pct, finish_accuracy_plot
 
 MODEL_ORDER = ("base", "finetuned")
 
@@ -305,19 +306,11 @@ def plot_accuracy(rows: list[dict[str, Any]], path: str) -> bool:
                 continue
             xs.append(i - 0.4 + width * (k + 0.5))
             ys.append(100 * r["accuracy"])
-            # max(0, ...): at 0% or 100% rounding can make an error bar slightly negative.
-            lo.append(max(0.0, 100 * (r["accuracy"] - r["ci95_low"])))
-            hi.append(max(0.0, 100 * (r["ci95_high"] - r["accuracy"])))
+            err = error_bar_pct(r)
+            lo.append(err[0])
+            hi.append(err[1])
         ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=3, label=entry)
-    ax.set_xticks(range(len(sets)))
-    ax.set_xticklabels(sets)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("accuracy (%), 95% Wilson interval")
-    ax.set_title("Accuracy per eval set")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    finish_accuracy_plot(fig, ax, sets, "Accuracy per eval set", path, legend_size=8)
     plt.close(fig)
     return True
 

@@ -94,48 +94,61 @@ def loglikelihoods(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     device = next(model.parameters()).device
+    encoded = _encode_requests(tokenizer, requests, max_length)
 
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    for start in range(0, len(order), batch_size):
+        batch = [encoded[i] for i in order[start:start + batch_size]]
+        ids, mask, spans = _pad_batch(batch, pad_id, padding_side)
+        width = ids.shape[1]
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        # Only the positions that predict a continuation need logits: the others would cost a
+        # [rows x width x vocab] float32 tensor (16 x 400 x 49152 x 4 B = 1.3 GB for SmolLM2)
+        # and its log-softmax. ``first`` is the earliest such position in the batch.
+        first = min(span - len(cont) for span, (_inp, cont) in zip(spans, batch, strict=True))
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), logits_to_keep=width - first).logits
+        logprobs = torch.log_softmax(logits[:, -(width - first):].float(), dim=-1)
+        for row, i in enumerate(order[start:start + batch_size]):
+            cont = encoded[i][1]
+            end = spans[row] - first
+            part = logprobs[row, end - len(cont):end]
+            target = torch.tensor(cont, dtype=torch.long, device=part.device)
+            out[i] = (float(part.gather(1, target[:, None]).sum()), bool((part.argmax(dim=-1) == target).all()))
+    return out
+
+
+def _encode_requests(tokenizer: Any, requests: Sequence[tuple[str, str]],
+                     max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(model input, continuation tokens) per request: the model reads every token but the last,
+    and the last len(cont) logits predict cont; a long request keeps its last max_length + 1."""
     encoded = []
     for context, continuation in requests:
         ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
         full = (ctx + cont)[-(max_length + 1):]
-        # The model reads every token but the last; the last len(cont) logits predict cont.
         encoded.append((full[:-1], cont[-len(full) + 1:] if len(cont) >= len(full) else cont))
+    return encoded
 
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(encoded[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        spans = []
-        for row, i in enumerate(batch):
-            inp = encoded[i][0]
-            begin = 0 if padding_side == "right" else width - len(inp)
-            ids[row, begin:begin + len(inp)] = torch.tensor(inp, dtype=torch.long)
-            mask[row, begin:begin + len(inp)] = 1
-            spans.append(begin + len(inp))  # one past the row's last real position
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        # Only the positions that predict a continuation need logits: the others would cost a
-        # [rows x width x vocab] float32 tensor (16 x 400 x 49152 x 4 B = 1.3 GB for SmolLM2)
-        # and its log-softmax. ``first`` is the earliest such position in the batch.
-        first = min(spans[row] - len(encoded[i][1]) for row, i in enumerate(batch))
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), logits_to_keep=width - first).logits
-        logprobs = torch.log_softmax(logits[:, -(width - first):].float(), dim=-1)
-        for row, i in enumerate(batch):
-            cont = encoded[i][1]
-            end = spans[row] - first
-            part = logprobs[row, end - len(cont):end]
-            target = torch.tensor(cont, dtype=torch.long, device=part.device)
-            total = float(part.gather(1, target[:, None]).sum())
-            greedy = bool((part.argmax(dim=-1) == target).all())
-            out[i] = (total, greedy)
-    return out
+
+def _pad_batch(batch: list[tuple[list[int], list[int]]], pad_id: int,
+               padding_side: str) -> tuple[Any, Any, list[int]]:
+    """Padded input ids, attention mask, and one past each row's last real position."""
+    import torch
+
+    width = max(len(inp) for inp, _cont in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    spans = []
+    for row, (inp, _cont) in enumerate(batch):
+        begin = 0 if padding_side == "right" else width - len(inp)
+        ids[row, begin:begin + len(inp)] = torch.tensor(inp, dtype=torch.long)
+        mask[row, begin:begin + len(inp)] = 1
+        spans.append(begin + len(inp))
+    return ids, mask, spans
 
 
 def _argmax(values: Sequence[float]) -> int:

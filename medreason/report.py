@@ -205,24 +205,37 @@ def plot_accuracy(metrics: dict[str, Any], path: str) -> bool:
                 continue
             xs.append(i - 0.4 + width * (k + 0.5))
             ys.append(100 * s["accuracy"])
-            # max(0, ...): at 0% or 100% the interval's end equals the estimate up to rounding
-            # (1 - 0.9999999999999999), and matplotlib rejects a negative error bar.
-            lo.append(max(0.0, 100 * (s["accuracy"] - s["ci95_low"])))
-            hi.append(max(0.0, 100 * (s["ci95_high"] - s["accuracy"])))
+            err = error_bar_pct(s)
+            lo.append(err[0])
+            hi.append(err[1])
         ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=4, label=model, color=colors.get(model))
         for x, y in zip(xs, ys, strict=True):
             ax.annotate(f"{y:.0f}%", (x, y), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("accuracy (%), 95% Wilson interval")
-    ax.set_title("Accuracy: base vs fine-tuned")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    finish_accuracy_plot(fig, ax, names, "Accuracy: base vs fine-tuned", path)
     plt.close(fig)
     return True
+
+
+def error_bar_pct(row: dict[str, Any]) -> tuple[float, float]:
+    """(below, above) the accuracy in percent points, from its 95% interval. max(0, ...): at 0%
+    or 100% the interval's end equals the estimate up to rounding (1 - 0.9999999999999999), and
+    matplotlib rejects a negative error bar."""
+    return (max(0.0, 100 * (row["accuracy"] - row["ci95_low"])),
+            max(0.0, 100 * (row["ci95_high"] - row["accuracy"])))
+
+
+def finish_accuracy_plot(fig: Any, ax: Any, set_names: list[str], title: str, path: str,
+                         legend_size: float | None = None) -> None:
+    """Axes, labels and grid of an accuracy-per-set bar chart, then save it to ``path``."""
+    ax.set_xticks(range(len(set_names)))
+    ax.set_xticklabels(set_names)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%), 95% Wilson interval")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _num(x: Any) -> bool:
