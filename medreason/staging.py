@@ -353,9 +353,26 @@ def _stage_gguf(path: str, out: str, model_cfg: ModelConfig) -> dict[str, Any]:
     model.config.dtype = dtype
     model.save_pretrained(out, safe_serialization=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    _align_special_tokens(tokenizer, model.config)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     return {"dtype": dtype, "n_params": n_params}
+
+
+def _align_special_tokens(tokenizer: Any, config: Any) -> None:
+    """Take EOS/BOS from the model config (the GGUF file's own metadata) where the converted
+    tokenizer names another token. transformers 5.17 converts SmolLM2's GGUF tokenizer with
+    eos_token '<|im_start|>' (id 1) while the file says 2, '<|im_end|>': training would append
+    the wrong end token and the fine-tuned model would never stop where generation expects."""
+    for role in ("eos", "bos"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if not isinstance(token_id, int) or getattr(tokenizer, f"{role}_token_id", None) == token_id:
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if token is not None:
+            log.warning("GGUF tokenizer: %s token %r -> %r (id %d, from the file's metadata)", role,
+                        getattr(tokenizer, f"{role}_token", None), token, token_id)
+            setattr(tokenizer, f"{role}_token", token)
 
 
 def _hub_allow_patterns(model_cfg: ModelConfig) -> list[str]:

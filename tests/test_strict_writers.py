@@ -18,7 +18,7 @@ def _strict_lines(path: Path) -> list[object]:
 
 
 def test_metrics_jsonl_and_trainer_state_with_nan(tmp_path: Path) -> None:
-    metrics = MetricsLog(tensorboard=False, total_steps=2)
+    metrics = MetricsLog(total_steps=2)  # no tracker: metrics.jsonl only
     metrics.rows = [{"step": 1, "loss": math.nan, "grad_norm": math.inf}, {"step": 2, "loss": 1.5}]
     state = TrainState(step=2, last_loss=math.nan, best_eval_loss=-math.inf)
     # The writer checkpoints and the final train stage share (it uses no client state).
