@@ -1,9 +1,16 @@
-"""Generation throughput: the evaluate job's batched path vs naive one-prompt-at-a-time generate.
+"""Generation throughput: the evaluate job's decode paths side by side, and naive generate.
 
 Same model (a staged Phi-2-shaped checkpoint, bf16), same MedQA prompts (formatted with the run's
 template exactly as `medreason evaluate` formats them), greedy, one process:
 
-    python3 bench/eval_throughput.py --store /tmp/store --bench .carry/medqa_test_4opt.jsonl
+    python3 bench/eval_throughput.py --store /tmp/store --bench .carry/medqa_test_4opt.jsonl \
+        --paths none graphs
+
+Each path in ``--paths`` is an ``eval.compile`` value run twice (the first call pays for
+captures or compilation); the tokens of every path are compared with the first path's. The
+bandwidth limit of the whole file (weights + KV cache bytes per decode step, at the read
+bandwidth measured here) is printed for the job's batching, for the positions in use and for
+the positions each step reads.
 
 Random weights never emit EOS, so every row generates max_new_tokens: the worst case, and the
 count of generated tokens is exact. The evaluate job itself on the whole file is timed by
@@ -30,9 +37,12 @@ def main() -> int:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="eval.max_batch_tokens for the job path")
     ap.add_argument("--cache-bucket-tokens", type=int, default=None,
                     help="eval.cache_bucket_tokens for the job path (default: the config's)")
-    ap.add_argument("--compile", choices=["none", "full"], default=None,
-                    help="eval.compile for the job path (default: the config's)")
-    ap.add_argument("--skip-dynamic", action="store_true", help="leave out the batched dynamic-cache run")
+    ap.add_argument("--paths", nargs="+", choices=["graphs", "none", "full"], default=["none", "graphs"],
+                    help="eval.compile values to run on the job path; the first is the baseline")
+    ap.add_argument("--file-new-tokens", type=int, default=512, help="new tokens for the bandwidth limit")
+    ap.add_argument("--file-batch-size", type=int, default=192, help="eval.batch_size for the bandwidth limit")
+    ap.add_argument("--file-max-batch-tokens", type=int, default=196608,
+                    help="eval.max_batch_tokens for the bandwidth limit (bench/eval_medqa.yaml's)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -66,42 +76,74 @@ def main() -> int:
 
     n = args.naive_prompts
     new = args.max_new_tokens
-    # Naive: one prompt per generate call, dynamic cache, eager (what a loop over questions does).
-    os.environ["MEDREASON_STATIC_CACHE"] = "0"
-    _, naive_s = timed(lambda: generate_texts(model, tok, prompts[:n], new, 1))
-    results["naive"] = {"prompts": n, "seconds": naive_s, "tokens_per_s": n * new / naive_s}
-    print(json.dumps(results["naive"]), flush=True)
+    if n:
+        # Naive: one prompt per generate call, dynamic cache, eager (what a loop over questions does).
+        os.environ["MEDREASON_STATIC_CACHE"] = "0"
+        _, naive_s = timed(lambda: generate_texts(model, tok, prompts[:n], new, 1))
+        results["naive"] = {"prompts": n, "seconds": naive_s, "tokens_per_s": n * new / naive_s}
+        print(json.dumps(results["naive"]), flush=True)
+        os.environ.pop("MEDREASON_STATIC_CACHE")
     m = args.prompts
-    dyn_s = None
-    if not args.skip_dynamic:
-        # The job's path with the dynamic cache (eager), for the breakdown.
-        _, dyn_s = timed(lambda: generate_texts(model, tok, prompts[:m], new, args.batch_size))
-        results["batched_dynamic"] = {"prompts": m, "seconds": dyn_s, "tokens_per_s": m * new / dyn_s}
-        print(json.dumps(results["batched_dynamic"]), flush=True)
-    # The job's path as the evaluate job runs it on CUDA (static cache sized per batch, decoding
-    # as eval.compile says), with the given batching.
-    os.environ.pop("MEDREASON_STATIC_CACHE")
     bucket = cfg.eval.cache_bucket_tokens if args.cache_bucket_tokens is None else args.cache_bucket_tokens
-    compile_mode = args.compile or cfg.eval.compile
-    job = {"max_batch_tokens": args.max_batch_tokens, "cache_bucket_tokens": bucket, "compile_mode": compile_mode}
+    job = {"max_batch_tokens": args.max_batch_tokens, "cache_bucket_tokens": bucket}
     results["job_settings"] = {"batch_size": args.batch_size, **job}
-    _, first_s = timed(lambda: generate_texts(model, tok, prompts[:m], new, args.batch_size, **job))
-    _, static_s = timed(lambda: generate_texts(model, tok, prompts[:m], new, args.batch_size, **job))
-    results["batched_static"] = {"prompts": m, "seconds_first_call": first_s, "seconds": static_s,
-                                 "tokens_per_s": m * new / static_s}
-    print(json.dumps(results["batched_static"]), flush=True)
+    rows = []
+    for path in args.paths:
+        run = lambda path=path: generate_texts(model, tok, prompts[:m], new, args.batch_size, compile_mode=path, **job)  # noqa: E731
+        texts, first_s = timed(run)
+        again, path_s = timed(run)
+        same = sum(a == b for a, b in zip(texts, rows[0]["texts"] if rows else texts, strict=True))
+        rows.append({"path": path, "texts": texts, "seconds_first_call": first_s, "seconds": path_s,
+                     "tokens_per_s": m * new / path_s, "same_text_as_first_path": same,
+                     "repeat_identical": texts == again})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "texts"}), flush=True)
+    results["paths"] = [{k: v for k, v in r.items() if k != "texts"} for r in rows]
+    results["bandwidth"] = bandwidth_limit(torch, cfg.model, [len(p) for p in prompts], args, bucket)
+    print(json.dumps(results["bandwidth"]), flush=True)
     results["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     with open(os.path.join(args.out, "eval_results.json"), "w") as fh:
         json.dump(results, fh, indent=1)
-    print("| path | prompts | new tokens each | seconds | generated tokens/s |")
-    print("|---|---|---|---|---|")
-    print(f"| naive (batch 1, dynamic cache) | {n} | {new} | {naive_s:.1f} | {n * new / naive_s:,.0f} |")
-    if dyn_s:
-        print(f"| batched {args.batch_size}, dynamic cache | {m} | {new} | {dyn_s:.1f} | {m * new / dyn_s:,.0f} |")
-    decode = "compiled" if compile_mode == "full" else "eager"
-    print(f"| job path: batched {args.batch_size}, static cache per batch ({bucket}), {decode} | {m} | {new} | "
-          f"{static_s:.1f} (first call {first_s:.1f}) | {m * new / static_s:,.0f} |")
+    print("| path | prompts | new tokens each | seconds (first call) | generated tokens/s | same text as first |")
+    print("|---|---|---|---|---|---|")
+    if n:
+        print(f"| naive (batch 1, dynamic cache) | {n} | {new} | {naive_s:.1f} | {n * new / naive_s:,.0f} | |")
+    for r in rows:
+        print(f"| eval.compile={r['path']}, batches of {args.batch_size}, cache per batch ({bucket}) | {m} | {new} | "
+              f"{r['seconds']:.1f} ({r['seconds_first_call']:.1f}) | {r['tokens_per_s']:,.0f} | "
+              f"{r['same_text_as_first_path']}/{m} |")
     return 0
+
+
+def bandwidth_limit(torch, model_cfg, lengths: list[int], args, bucket: int) -> dict:  # noqa: ANN001
+    """Seconds the whole file's decode needs at the measured read bandwidth: every step reads the
+    weights once per batch, and each row's KV cache (positions in use, or as read)."""
+    from medreason.evaluation.decoding import DEFAULT_BUCKET_TOKENS, bucket_length
+    from medreason.evaluation.generation import plan_generation_batches
+
+    big = torch.empty(2**32, dtype=torch.bfloat16, device="cuda")  # 8 GiB
+    big.sum()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        big.sum()
+    torch.cuda.synchronize()
+    read_bps = 10 * big.numel() * 2 / (time.perf_counter() - t0)
+    del big
+    new = args.file_new_tokens
+    hidden, layers = 2560, 32  # Phi-2: K+V of one position = 2 x layers x hidden x 2 bytes
+    per_pos, weights = 2 * layers * hidden * 2, 2.78e9 * 2
+    plan = plan_generation_batches(lengths, new, args.file_batch_size, args.file_max_batch_tokens, bucket)
+    steps = used = read = 0
+    for batch, cache_len in plan:
+        width = max(lengths[i] for i in batch)
+        steps += new
+        used += sum(new * lengths[i] + new * (new - 1) // 2 for i in batch)
+        read += sum(len(batch) * bucket_length(width + t, DEFAULT_BUCKET_TOKENS, cache_len) for t in range(new))
+    return {"read_GBps": read_bps / 1e9, "batches": len(plan), "decode_steps": steps,
+            "tokens": len(lengths) * new, "weights_s": steps * weights / read_bps,
+            "kv_in_use_s": used * per_pos / read_bps, "kv_as_read_s": read * per_pos / read_bps,
+            "limit_in_use_tokens_per_s": len(lengths) * new / ((steps * weights + used * per_pos) / read_bps),
+            "limit_as_read_tokens_per_s": len(lengths) * new / ((steps * weights + read * per_pos) / read_bps)}
 
 
 if __name__ == "__main__":

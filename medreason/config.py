@@ -169,11 +169,12 @@ class EvalConfig(_Section):
         description="Static KV cache (CUDA) sized per batch, rounded up to a multiple of this; "
         "0: one cache as long as the longest prompt + max_new_tokens for every batch.",
     )
-    compile: Literal["none", "full"] = Field(
-        "none",
-        description="Generation on CUDA: 'none' decodes eagerly with a static KV cache; 'full' "
-        "lets transformers compile the whole model with CUDA graphs: faster steps after ~2 "
-        "minutes of compilation for Phi-2, so it pays only on long runs.",
+    compile: Literal["graphs", "none", "full"] = Field(
+        "graphs",
+        description="Generation with a static KV cache (CUDA): 'graphs' replays the eager decode "
+        "step from CUDA graphs captured per cache-length bucket (no compilation; the same tokens "
+        "as generate()); 'none' is transformers' generate(), eager; 'full' lets transformers "
+        "compile the whole model with CUDA graphs: ~2 minutes of compilation for Phi-2.",
     )
     checkpoint: str = Field("final", description="'final', 'best', 'merged', 'none' or 'step-<N>'.")
     scoring: Literal["generate", "loglikelihood"] = Field(

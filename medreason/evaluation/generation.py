@@ -2,8 +2,10 @@
 
 Every decode step reads each row's whole KV cache, so batches are sorted by prompt length and
 each gets a cache sized for its own longest prompt (``plan_generation_batches``). On CUDA the
-cache is static (written in place); ``eval.compile`` picks eager or compiled decoding. Measured
-figures for these choices are in bench/RESULTS.md (section "evaluate").
+cache is static (written in place) and ``eval.compile`` picks the decode path: ``graphs``
+(medreason/evaluation/decoding.py: the eager step replayed from CUDA graphs, the default),
+``none`` (transformers' ``generate()``, eager) or ``full`` (``generate()`` with the whole model
+compiled). Measured figures for these choices are in bench/RESULTS.md (section "evaluate").
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _compile_generation(mode: str, plan: list[tuple[list[int], int]], batch_size
     (bench/RESULTS.md), so 'none' (eager, the static cache still written in place) is the
     default; 'full' pays on longer runs.
     """
-    if mode != "full":
+    if mode != "full":  # 'none', or 'graphs' where generate() decodes instead
         return {"disable_compile": True}
     # Without a token cap every batch is padded to batch_size rows (generate_texts).
     shapes = {(len(b) if max_batch_tokens else batch_size, n) for b, n in plan}
@@ -165,12 +167,13 @@ def _left_padded(prompt_ids: list[list[int]], batch: list[int], pad_id: int) -> 
 
 def _generate_batch(model: Any, ids: Any, mask: Any, max_new_tokens: int, pad_id: int,
                     eos_ids: list[int], progress: _Progress, extra: dict[str, Any]) -> Any:
+    """transformers' generate(): the new token ids of a batch, ``[rows, steps]``."""
     import torch
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
     with torch.inference_mode():
-        return model.generate(
+        generated = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
@@ -185,6 +188,35 @@ def _generate_batch(model: Any, ids: Any, mask: Any, max_new_tokens: int, pad_id
             stopping_criteria=StoppingCriteriaList([progress]),
             **extra,
         )
+    return generated[:, ids.shape[1]:]
+
+
+def _graph_batch(hf_model: Any, ids: Any, mask: Any, max_new_tokens: int, cache_len: int, pad_id: int,
+                 eos_ids: list[int], progress: _Progress) -> Any:
+    """The decode loop of medreason/evaluation/decoding.py: the new token ids, ``[rows, steps]``."""
+    from medreason.evaluation.decoding import greedy_static
+
+    def report(steps: int, unfinished: Any) -> None:
+        now = time.monotonic()
+        if now - progress.last >= progress.interval_s:
+            progress.last = now
+            log.info("%s: %d new tokens per row so far, %d/%d rows finished, %.0f s so far", progress.desc,
+                     steps, int((~unfinished).sum()), unfinished.shape[0], now - progress.started)
+
+    return greedy_static(hf_model, ids, mask, max_new_tokens, cache_len, pad_id, eos_ids, on_progress=report)
+
+
+def decode_path(compile_mode: str, static: bool, hf_model: Any) -> str:
+    """Which decoder runs: 'graphs' (decoding.py), or transformers' generate() ('generate')."""
+    if compile_mode != "graphs" or not static:
+        return "generate"
+    from medreason.evaluation.decoding import plain_greedy_only
+
+    reason = plain_greedy_only(hf_model)
+    if reason:
+        log.warning("generation config sets %s: decoding with transformers' generate()", reason)
+        return "generate"
+    return "graphs"
 
 
 def generate_texts(
@@ -196,7 +228,7 @@ def generate_texts(
     desc: str = "generate",
     max_batch_tokens: int | None = None,
     cache_bucket_tokens: int = 0,
-    compile_mode: str = "none",
+    compile_mode: str = "graphs",
     progress_interval_s: float = PROGRESS_INTERVAL_S,
 ) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding and the KV cache.
@@ -219,6 +251,7 @@ def generate_texts(
         [len(p) for p in prompt_ids], max_new_tokens, batch_size,
         max_batch_tokens=max_batch_tokens, cache_bucket_tokens=cache_bucket_tokens if static else 0,
     )
+    path = decode_path(compile_mode, static, hf_model)
     extra: dict[str, Any] = {}
     if static:
         extra["cache_implementation"] = "static"
@@ -238,11 +271,14 @@ def generate_texts(
         ids, mask = _left_padded(prompt_ids, batch, pad_id)
         width = ids.shape[1]
         progress = _Progress(f"{desc}: batch {k}/{len(plan)}", width, eos_ids, progress_interval_s, started)
-        generated = _generate_batch(model, ids, mask, max_new_tokens, pad_id, eos_ids, progress, extra)
+        if path == "graphs":
+            new = _graph_batch(hf_model, ids, mask, max_new_tokens, cache_len, pad_id, eos_ids, progress)
+        else:
+            new = _generate_batch(model, ids, mask, max_new_tokens, pad_id, eos_ids, progress, extra)
         for row, i in enumerate(batch[:n_questions]):
-            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+            out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
         # A line per batch: without a terminal the progress bar is off.
         log.info("%s: batch %d/%d (%d questions, %d new tokens%s) done, %.0f s so far", desc, k, len(plan),
-                 n_questions, int(generated.shape[1] - width),
+                 n_questions, int(new.shape[1]),
                  f", cache {cache_len}" if static else "", time.monotonic() - started)
     return out
