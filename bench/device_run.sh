@@ -2,13 +2,15 @@
 # The GPU benchmarks of bench/RESULTS.md in one call on a bare GPU machine, most important first,
 # each under its own time limit so that one stuck step cannot take the others with it:
 #   1. stage random weights of the exact Phi-2 shape and a synthetic prepare stage
-#   2. `medreason evaluate` on the 1,273-question MedQA file (bench/eval_medqa.yaml)
-#   3. `medreason train --preset phi2-bf16` timed, with a profile of its last steps
-#   4. evaluate's generation path vs one-prompt-at-a-time generate, same prompts
+#   2. `medreason evaluate` on the 1,273-question MedQA file (bench/eval_medqa.yaml): the default
+#      decode (eval-medqa), transformers' generate() (eval-medqa-plain), likelihood scoring (loglik)
+#   3. evaluate's decode paths side by side on the same prompts, and the file's bandwidth limit
+#   4. `bench/train_throughput.py` on TRAIN_VARIANTS (default: phi2-bf16), with a profile of the
+#      last steps of each
 # Needs .carry/medqa_test_4opt.jsonl and .carry/phi2-random-tok/ (a tokenizer saved by
 # bench/stage_phi2_random.py; without it the script trains one, ~40 s). Logs and results go to
 # RESULTS_DIR (first argument, default /tmp/bench-results). BENCH_STEPS picks steps (default all:
-# "stage eval-medqa train eval-bench"); stage always runs first when named.
+# "stage eval-medqa eval-medqa-plain loglik eval-bench train"); stage always runs first when named.
 #   bash bench/device_run.sh /tmp/bench-results
 #   BENCH_STEPS="stage eval-medqa" bash bench/device_run.sh /tmp/bench-results
 set -uo pipefail
@@ -18,7 +20,8 @@ STORE="${BENCH_STORE:-/tmp/bench-store}"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-STEPS=" ${BENCH_STEPS:-stage eval-medqa train eval-bench} "
+STEPS=" ${BENCH_STEPS:-stage eval-medqa eval-medqa-plain loglik eval-bench train} "
+read -r -a VARIANTS <<<"${TRAIN_VARIANTS:-bf16=phi2-bf16}"
 
 step() { # usage: step NAME TIME_LIMIT_S COMMAND...
     local name="$1" limit="$2" t0=$SECONDS rc=0
@@ -36,11 +39,23 @@ tok=()
 [[ -d .carry/phi2-random-tok ]] && tok=(--tokenizer .carry/phi2-random-tok)
 step stage 150 python3 bench/stage_phi2_random.py --store "$STORE" --run bench --n-train 4000 --n-eval 64 \
     "${tok[@]}" --device cuda
-step eval-medqa 270 python3 -m jobs.cli evaluate --store "$STORE" --run bench --config bench/eval_medqa.yaml --force
-cp "$STORE/runs/bench/evaluate/MANIFEST.json" "$RES/eval-medqa-manifest.json" 2>/dev/null
-step train 200 python3 bench/train_throughput.py --store "$STORE" --run bench --steps 22 --warmup 8 \
-    --profile 3 --out "$RES" --variant bf16=phi2-bf16
-[[ -f "$RES/profile-bf16/profile.txt" ]] && TAIL_LINES=40 step profile 5 cat "$RES/profile-bf16/profile.txt"
-step eval-bench 150 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
-    --prompts 256 --naive-prompts 6 --max-new-tokens 64 --skip-dynamic --batch-size 128 \
-    --max-batch-tokens 163840 --compile full --out "$RES"
+evaluate() { # usage: evaluate NAME LIMIT [--set k=v ...]: the job on the MedQA file, manifest kept
+    local name="$1" limit="$2"
+    shift 2
+    step "$name" "$limit" python3 -m jobs.cli evaluate --store "$STORE" --run bench --config bench/eval_medqa.yaml \
+        --name "$name" --force "$@"
+    cp "$STORE/runs/bench/evaluate/$name/MANIFEST.json" "$RES/$name-manifest.json" 2>/dev/null
+}
+evaluate eval-medqa 240
+evaluate eval-medqa-plain 240 --set eval.compile=none
+evaluate loglik 120 --set eval.scoring=loglikelihood
+step eval-bench 240 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
+    --prompts 384 --naive-prompts 0 --max-new-tokens 128 --batch-size 192 --max-batch-tokens 196608 \
+    --paths none graphs --out "$RES"
+vargs=()
+for v in "${VARIANTS[@]}"; do vargs+=(--variant "$v"); done
+step train "${TRAIN_LIMIT:-420}" python3 bench/train_throughput.py --store "$STORE" --run bench --steps "${TRAIN_STEPS:-18}" \
+    --warmup 8 --profile "${TRAIN_PROFILE:-3}" --out "$RES" "${vargs[@]}"
+for f in "$RES"/profile-*/profile.txt; do
+    [[ -f "$f" ]] && TAIL_LINES=40 step profile 5 cat "$f"
+done
