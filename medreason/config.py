@@ -121,7 +121,8 @@ class TrainConfig(_Section):
     lora_compute_dtype: Literal["base", "float32"] = Field(
         "base",
         description="The dtype of the LoRA adapter products. 'base': the activations' dtype, i.e. the base "
-        "model's compute dtype (bf16 on the GPU presets, float32 on CPU, where nothing changes), with the "
+        "model's compute dtype (bf16 on the GPU presets, float32 on CPU, where nothing changes; float16 "
+        "activations keep float32 products), with the "
         "adapter weights, their gradients and the optimizer state kept in float32; 'float32': PEFT's own "
         "path, which casts the activations up to the float32 adapter weights.",
     )

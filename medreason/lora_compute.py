@@ -5,7 +5,8 @@ bitsandbytes 4/8-bit), casts the bf16 activations up to them (``_cast_input_dtyp
 two adapter GEMMs and their outputs (Phi-2's fc1 adapter writes tokens x 10,240 values per
 micro-batch) run and are stored in float32. ``lora_compute_dtype="base"`` (``use_base_dtype``)
 turns that cast off and casts the weights down instead, inside autograd: the products run in
-the activations' dtype while the trainable weights, their gradients (the cast's backward casts
+the activations' dtype (bf16 or float32; float16 activations are still cast up, see
+ActivationDtypeLinear) while the trainable weights, their gradients (the cast's backward casts
 them back to float32) and the optimizer state stay float32. The weights' names and dtypes do not
 change, so saved adapters, checkpoints, resume and merging see exactly what they saw before.
 On a float32 base (CPU training) the casts are no-ops and every number stays bit-identical.
@@ -30,6 +31,11 @@ class ActivationDtypeLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float16:
+            # float16's 5 exponent bits: without loss scaling (this project has none) the
+            # adapter's weight gradients, sums over every token of a micro-batch, can leave its
+            # range; float16 activations keep PEFT's float32 products.
+            x = x.to(self.weight.dtype)
         weight = self.weight.to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
@@ -82,4 +88,6 @@ def describe(model: Any, dtype: Any) -> str:
     name = str(dtype).replace("torch.", "")
     if name == "float32":
         return "float32 (the activations' dtype)"
+    if name == "float16":
+        return "float32 (float16 activations are cast up, as PEFT does)"
     return f"{name} (the activations' dtype; weights, gradients and optimizer state float32)"

@@ -113,6 +113,23 @@ def test_float32_base_is_bit_identical_in_both_modes(tiny_phi_dir: Path) -> None
     assert set(one_dtypes) == {torch.float32}
 
 
+def test_float16_activations_keep_float32_products(tiny_phi_dir: Path) -> None:
+    """No loss scaling here: float16 adapter gradients could leave float16's range, so 'base'
+    leaves float16 activations on PEFT's float32 products (still through the patched modules)."""
+    import torch
+
+    from medreason.lora_compute import describe
+
+    model = _peft_model(tiny_phi_dir, "base", "float16")
+    seen: list[object] = []
+    model.base_model.model.model.layers[0].mlp.fc1.lora_A["default"].register_forward_hook(
+        lambda _m, _i, out: seen.append(out.dtype))
+    with torch.no_grad():
+        logits = model(input_ids=_batch(0)["input_ids"]).logits
+    assert seen == [torch.float32] and logits.dtype == torch.float16
+    assert describe(model, torch.float16).startswith("float32")
+
+
 def test_mode_is_checked() -> None:
     from medreason.lora_compute import apply_lora_compute_dtype
 
