@@ -114,8 +114,17 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the model (CUDA only).")
     tf32: bool = Field(
         True,
-        description="Let float32 matrix products use TF32 tensor cores (CUDA). The LoRA adapters "
-        "are float32 on a bf16 base, so their products would otherwise run on the CUDA cores.",
+        description="Let float32 matrix products use TF32 tensor cores (CUDA). With "
+        "lora_compute_dtype=float32 the LoRA products are float32 on a bf16 base and would otherwise "
+        "run on the CUDA cores.",
+    )
+    lora_compute_dtype: Literal["base", "float32"] = Field(
+        "base",
+        description="The dtype of the LoRA adapter products. 'base': the activations' dtype, i.e. the base "
+        "model's compute dtype (bf16 on the GPU presets, float32 on CPU, where nothing changes; float16 "
+        "activations keep float32 products), with the "
+        "adapter weights, their gradients and the optimizer state kept in float32; 'float32': PEFT's own "
+        "path, which casts the activations up to the float32 adapter weights.",
     )
     seed: int = 42
     eval_every_steps: int = Field(25, ge=1)

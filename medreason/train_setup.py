@@ -191,7 +191,7 @@ def _load_peft_model(cfg: Config, store: ArtifactStore, acc: Any, layout: Layout
     """(PEFT model on the host, attention implementation, pad id, frozen parameter count)."""
     import torch
 
-    from medreason import modeling
+    from medreason import lora_compute, modeling
 
     mc, tc = cfg.model, cfg.train
     with acc.local_main_process_first():
@@ -205,6 +205,8 @@ def _load_peft_model(cfg: Config, store: ArtifactStore, acc: Any, layout: Layout
     attn_impl = getattr(base.config, "_attn_implementation", None) or "eager"
     targets = modeling.resolve_target_modules(base, cfg.lora.target_modules)
     model = modeling.apply_lora(base, cfg.lora, targets)
+    # Before any wrapping (FSDP, compile): the module classes it swaps are captured by them.
+    lora_compute.apply_lora_compute_dtype(model, tc.lora_compute_dtype)
     trainable, total = modeling.count_parameters(model)
     log.info("model: %s (%s, attention %s), LoRA r=%d on %s: %s trainable of %s parameters (%.3f%%), "
              "loaded in %.1f s", type(base).__name__, str(dtype).replace("torch.", ""), attn_impl,
@@ -249,8 +251,9 @@ def _set_precision(cfg: Config, device_type: str) -> Any:
 
     modeling.check_quantization(cfg.model, device_type)
     if device_type == "cuda" and cfg.train.tf32:
-        # PEFT keeps the adapters in float32 on a bf16 base: without TF32 their products run
-        # as SIMT float32 GEMMs (a large share of a bf16 step's GPU time, see bench/RESULTS.md).
+        # With train.lora_compute_dtype=float32 the adapter products on a bf16 base are float32:
+        # without TF32 they run as SIMT float32 GEMMs (a large share of a bf16 step's GPU time,
+        # see bench/RESULTS.md).
         # TF32 keeps float32 storage and a 10-bit mantissa in the product, more than bf16's 7.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -339,9 +342,14 @@ def packed_fallback_reason(cfg: Config, tm: TrainModel, device_type: str) -> str
 
 
 def log_paths(cfg: Config, tm: TrainModel, layout: Layout, device_type: str) -> None:
-    """One line naming the attention path, loss kernel and compile mode; one warning on a fallback."""
+    """One line naming the attention path, loss kernel, compile mode and LoRA product dtype; one
+    warning on a fallback."""
+    from medreason import lora_compute
+
     attention = attention_path(tm, layout, device_type)
-    log.info("training paths: attention %s; loss %s; compile %s", attention, loss_path(tm), tm.compile_mode)
+    log.info("training paths: attention %s; loss %s; compile %s; LoRA products %s (train.lora_compute_dtype=%s)",
+             attention, loss_path(tm), tm.compile_mode, lora_compute.describe(tm.model, tm.dtype),
+             cfg.train.lora_compute_dtype)
     reason = packed_fallback_reason(cfg, tm, device_type)
     if reason is not None:
         log.warning("train.padding=packed: the varlen attention kernel is not used because %s; "

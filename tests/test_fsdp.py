@@ -88,6 +88,7 @@ def test_bf16_base_float32_adapters_train_and_commit(straight: tuple[Path, str, 
     store = ArtifactStore(store_uri)
     assert "PhiForCausalLM (bfloat16" in err  # the base really is bf16 ...
     assert "2 processes per step" in err
+    assert "LoRA products bfloat16 (the activations' dtype" in err  # train.lora_compute_dtype=base under FSDP2
     manifest = store.read_manifest("runs/straight/train")
     assert manifest["metrics"]["steps"] == STEPS and manifest["world_size"] == 2
     rows = _metrics(store, "straight")
