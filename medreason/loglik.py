@@ -22,6 +22,7 @@ The conventions copied from lm-eval (``lm_eval/api/model.py`` ``_encode_pair`` a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from typing import Any, Literal
 
 TARGET_DELIMITER = " "
 MEDQA_CHOICES = ("A", "B", "C", "D")
+
+log = logging.getLogger(__name__)
 
 
 def medqa_prompt(question: str, options: dict[str, str]) -> str:
@@ -111,9 +114,11 @@ def _shared_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[
     from medreason.loglik_shared import MASKABLE_ATTENTION, plan_rows, score_rows
 
     pairs = _encode_pairs(tokenizer, requests)
-    if getattr(model.config, "_attn_implementation", None) in MASKABLE_ATTENTION:
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl in MASKABLE_ATTENTION:
         rows, plain = plan_rows(pairs, max_length)
     else:
+        log.info("attention %r takes no custom mask: every option scored in a row of its own", impl)
         rows, plain = [], list(range(len(requests)))
     out = score_rows(model, rows, len(requests), pad_id, batch_size, max_batch_tokens)
     if plain:
@@ -121,7 +126,10 @@ def _shared_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[
                                       padding_side, max_length, pad_id)
         for i, result in zip(plain, alone, strict=True):
             out[i] = result
-    return [r for r in out if r is not None]
+    done = [r for r in out if r is not None]
+    if len(done) != len(requests):
+        raise RuntimeError(f"{len(requests) - len(done)} of {len(requests)} requests were not scored")
+    return done
 
 
 def _plain_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int,

@@ -74,6 +74,8 @@ def plan_rows(pairs: Sequence[tuple[list[int], list[int]]],
                 row = PackedRow(list(key))
             row.conts.append((i, cont))
         rows.append(row)
+    log.info("likelihood scoring: %d of %d requests in %d shared-context rows, %d in rows of their own",
+             len(pairs) - len(plain), len(pairs), len(rows), len(plain))
     return rows, sorted(plain)
 
 
