@@ -170,7 +170,8 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Most prompts per generation batch.")
     max_batch_tokens: int | None = Field(
         None, ge=1,
-        description="Cap on rows x KV-cache positions per batch (None: batch_size rows always); "
+        description="Cap on rows x KV-cache positions per generation batch, and on rows x row "
+        "length per batch of shared-context likelihood scoring (None: batch_size rows always); "
         "batches of short prompts then hold more rows than long ones.",
     )
     cache_bucket_tokens: int = Field(
@@ -197,6 +198,14 @@ class EvalConfig(_Section):
         description="With scoring=loglikelihood, what each option's continuation is: its text "
         "(acc_norm then corrects for long options) or its letter (lm-eval's medqa_4options "
         "exactly, for leaderboard comparisons; acc_norm equals acc).",
+    )
+    loglik_shared_context: bool = Field(
+        True,
+        description="With scoring=loglikelihood, run each question's context once: its options share "
+        "one packed row (own positions, a mask that keeps them apart); batch_size packed rows per "
+        "pass, capped by max_batch_tokens (rows x row length). False: one row of context + option "
+        "per option, lm-eval's own layout: the same numbers up to float rounding, with the context "
+        "run once per option.",
     )
 
 
@@ -259,6 +268,9 @@ class Config(_Section):
         for key in TRACKER_KEYS:
             data["train"].pop(key, None)
         data["train"]["report_to"] = []  # hashed as unset: see TRACKER_KEYS
+        for (section, key), value in HASHED_AS_ABSENT_AT.items():
+            if data[section].get(key) == value:
+                del data[section][key]
         if sections:
             data = {s: data[s] for s in sections}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
@@ -272,6 +284,14 @@ class Config(_Section):
     def hash(self) -> str:
         return self.section_hash()
 
+
+# Fields added after stages were committed, hashed as absent at one value so those stages keep
+# their hashes (and an interrupted training run resumes): the value that reproduces what runs
+# did before the field existed, or one that gives their numbers up to float rounding.
+HASHED_AS_ABSENT_AT: dict[tuple[str, str], object] = {
+    ("eval", "loglik_shared_context"): True,  # same numbers up to float rounding
+    ("train", "lora_compute_dtype"): "float32",  # PEFT's float32 adapter products, as before
+}
 
 # Which config sections decide each stage's output. Changing eval settings must not force a
 # re-train; changing LoRA settings must.

@@ -22,6 +22,7 @@ The conventions copied from lm-eval (``lm_eval/api/model.py`` ``_encode_pair`` a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from typing import Any, Literal
 
 TARGET_DELIMITER = " "
 MEDQA_CHOICES = ("A", "B", "C", "D")
+
+log = logging.getLogger(__name__)
 
 
 def medqa_prompt(question: str, options: dict[str, str]) -> str:
@@ -72,18 +75,24 @@ def loglikelihoods(
     batch_size: int = 8,
     padding_side: Literal["right", "left"] = "right",
     max_length: int | None = None,
+    shared_context: bool = True,
+    max_batch_tokens: int | None = None,
 ) -> list[tuple[float, bool]]:
     """(summed log-likelihood, is_greedy) of each ``(context, continuation)`` request.
 
-    Batched forward passes without generation. Rows are sorted by length (longest first) so
-    a batch pads little. Position ids come from the attention mask, so left padding gives the
-    same numbers as right padding: a left-padded row's first real token is at position 0, not
-    at the number of pads before it. ``max_length`` (default: the model's
-    ``max_position_embeddings``) keeps the last max_length + 1 tokens of a long request, as
-    lm-eval truncates from the left.
-    """
-    import torch
+    ``shared_context`` (default): requests with identical context ids (the options of one
+    question) share one packed row, so the context runs once (``medreason.loglik_shared``);
+    ``batch_size`` packed rows per forward pass, fewer where rows x row length would pass
+    ``max_batch_tokens``. Groups that the plain path would truncate, and every request of a
+    model whose attention takes no custom mask (FlashAttention), take the plain path.
 
+    The plain path: one row per request, batched forward passes without generation. Rows are
+    sorted by length (longest first) so a batch pads little. Position ids come from the
+    attention mask, so left padding gives the same numbers as right padding: a left-padded
+    row's first real token is at position 0, not at the number of pads before it.
+    ``max_length`` (default: the model's ``max_position_embeddings``) keeps the last
+    max_length + 1 tokens of a long request, as lm-eval truncates from the left.
+    """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
     if batch_size < 1:
@@ -93,6 +102,41 @@ def loglikelihoods(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if not shared_context:
+        return _plain_loglikelihoods(model, tokenizer, requests, batch_size, padding_side, max_length, pad_id)
+    return _shared_loglikelihoods(model, tokenizer, requests, batch_size, padding_side, max_length, pad_id,
+                                  max_batch_tokens)
+
+
+def _shared_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int,
+                           padding_side: Literal["right", "left"], max_length: int, pad_id: int,
+                           max_batch_tokens: int | None) -> list[tuple[float, bool]]:
+    from medreason.loglik_shared import MASKABLE_ATTENTION, plan_rows, score_rows
+
+    pairs = _encode_pairs(tokenizer, requests)
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl in MASKABLE_ATTENTION:
+        rows, plain = plan_rows(pairs, max_length)
+    else:
+        log.info("attention %r takes no custom mask: every option scored in a row of its own", impl)
+        rows, plain = [], list(range(len(requests)))
+    out = score_rows(model, rows, len(requests), pad_id, batch_size, max_batch_tokens)
+    if plain:
+        alone = _plain_loglikelihoods(model, tokenizer, [requests[i] for i in plain], batch_size,
+                                      padding_side, max_length, pad_id)
+        for i, result in zip(plain, alone, strict=True):
+            out[i] = result
+    done = [r for r in out if r is not None]
+    if len(done) != len(requests):
+        raise RuntimeError(f"{len(requests) - len(done)} of {len(requests)} requests were not scored")
+    return done
+
+
+def _plain_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int,
+                          padding_side: str, max_length: int, pad_id: int) -> list[tuple[float, bool]]:
+    """One row per request: context + continuation each time (``shared_context=False``)."""
+    import torch
+
     device = next(model.parameters()).device
     encoded = _encode_requests(tokenizer, requests, max_length)
 
@@ -125,13 +169,21 @@ def _encode_requests(tokenizer: Any, requests: Sequence[tuple[str, str]],
     """(model input, continuation tokens) per request: the model reads every token but the last,
     and the last len(cont) logits predict cont; a long request keeps its last max_length + 1."""
     encoded = []
+    for ctx, cont in _encode_pairs(tokenizer, requests):
+        full = (ctx + cont)[-(max_length + 1):]
+        encoded.append((full[:-1], cont[-len(full) + 1:] if len(cont) >= len(full) else cont))
+    return encoded
+
+
+def _encode_pairs(tokenizer: Any, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per request; an empty continuation is an error."""
+    pairs = []
     for context, continuation in requests:
         ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
-        full = (ctx + cont)[-(max_length + 1):]
-        encoded.append((full[:-1], cont[-len(full) + 1:] if len(cont) >= len(full) else cont))
-    return encoded
+        pairs.append((ctx, cont))
+    return pairs
 
 
 def _pad_batch(batch: list[tuple[list[int], list[int]]], pad_id: int,
@@ -189,11 +241,15 @@ def score_choices(
     batch_size: int = 8,
     padding_side: Literal["right", "left"] = "right",
     max_length: int | None = None,
+    shared_context: bool = True,
+    max_batch_tokens: int | None = None,
 ) -> list[ChoiceScores]:
-    """Score ``[(context, choices)]``: every option of every question in one batched pass."""
+    """Score ``[(context, choices)]``: every option of every question in one batched pass
+    (``loglikelihoods`` says what ``shared_context`` and ``max_batch_tokens`` do)."""
     requests = [(ctx, f"{target_delimiter}{c}") for ctx, choices in questions for c in choices]
     results = loglikelihoods(model, tokenizer, requests, batch_size=batch_size,
-                             padding_side=padding_side, max_length=max_length)
+                             padding_side=padding_side, max_length=max_length,
+                             shared_context=shared_context, max_batch_tokens=max_batch_tokens)
     out, k = [], 0
     for _ctx, choices in questions:
         part = results[k:k + len(choices)]
@@ -212,6 +268,8 @@ def loglik_rows(
     model_label: str,
     choices: Literal["text", "letter"] = "text",
     batch_size: int = 8,
+    shared_context: bool = True,
+    max_batch_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Rows in the evaluate stage's predictions.jsonl format for ``[(set name, record)]``, the
     records with ``question``, ``options_map`` and ``answer_letter``; every option of every
@@ -228,7 +286,8 @@ def loglik_rows(
         options = rec["options_map"]
         questions.append((medqa_prompt(rec["question"], options),
                           list(options) if choices == "letter" else list(options.values())))
-    scores = score_choices(model, tokenizer, questions, batch_size=batch_size)
+    scores = score_choices(model, tokenizer, questions, batch_size=batch_size, shared_context=shared_context,
+                           max_batch_tokens=max_batch_tokens)
     rows = []
     for (set_name, rec), (prompt, _), sc in zip(items, questions, scores, strict=True):
         letters = list(rec["options_map"])

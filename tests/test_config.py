@@ -297,3 +297,23 @@ def test_stage_hashes_follow_the_sections_each_stage_reads():
     merge_changed = build_config(overrides=["merge.dtype=float32"], env=NO_ENV)
     assert merge_changed.stage_hash("merge") != base.stage_hash("merge")
     assert merge_changed.stage_hash("evaluate") == base.stage_hash("evaluate")
+
+
+def test_fields_added_later_hash_as_absent_at_their_old_behaviour() -> None:
+    """A train stage committed before train.lora_compute_dtype existed ran PEFT's float32
+    products: 'float32' must give its hash (so it resumes), the new default another one."""
+    import hashlib
+    import json
+
+    from medreason.config import HASHED_AS_ABSENT_AT, build_config
+
+    old = build_config(overrides=["train.lora_compute_dtype=float32"], env={})
+    new = build_config(env={})
+    data = {s: old.model_dump(mode="json")[s] for s in ("model", "data", "lora", "train")}
+    for key in ("tracker_project", "tracker_run_name", "lora_compute_dtype"):
+        data["train"].pop(key)
+    data["train"]["report_to"] = []
+    assert old.stage_hash("train") == hashlib.sha256(
+        json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert new.stage_hash("train") != old.stage_hash("train")
+    assert ("train", "lora_compute_dtype") in HASHED_AS_ABSENT_AT

@@ -176,7 +176,8 @@ def _loglik_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], ecf
     from medreason.loglik import loglik_rows
 
     return loglik_rows(mut.model, mut.tokenizer, [(n, sets[n][i]) for n, i in mine], mut.label,
-                       choices=ecfg.choices, batch_size=ecfg.batch_size)
+                       choices=ecfg.choices, batch_size=ecfg.batch_size,
+                       shared_context=ecfg.loglik_shared_context, max_batch_tokens=ecfg.max_batch_tokens)
 
 
 def _score_model(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], template: str, ecfg: Any,
