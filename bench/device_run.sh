@@ -46,10 +46,10 @@ evaluate() { # usage: evaluate NAME LIMIT [--set k=v ...]: the job on the MedQA 
         --name "$name" --force "$@"
     cp "$STORE/runs/bench/evaluate/$name/MANIFEST.json" "$RES/$name-manifest.json" 2>/dev/null
 }
-evaluate eval-medqa 240
-evaluate eval-medqa-plain 240 --set eval.compile=none
-evaluate loglik 120 --set eval.scoring=loglikelihood
-step eval-bench 240 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
+evaluate eval-medqa 180
+evaluate eval-medqa-plain 200 --set eval.compile=none
+evaluate loglik 100 --set eval.scoring=loglikelihood
+step eval-bench 180 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
     --prompts 384 --naive-prompts 0 --max-new-tokens 128 --batch-size 192 --max-batch-tokens 196608 \
     --paths none graphs --out "$RES"
 vargs=()
