@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -113,7 +114,9 @@ def _shared_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[
                            max_batch_tokens: int | None) -> list[tuple[float, bool]]:
     from medreason.loglik_shared import MASKABLE_ATTENTION, plan_rows, score_rows
 
+    started = time.monotonic()
     pairs = _encode_pairs(tokenizer, requests)
+    encoded = time.monotonic()
     impl = getattr(model.config, "_attn_implementation", None)
     if impl in MASKABLE_ATTENTION:
         rows, plain = plan_rows(pairs, max_length)
@@ -126,6 +129,8 @@ def _shared_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[
                                       padding_side, max_length, pad_id)
         for i, result in zip(plain, alone, strict=True):
             out[i] = result
+    log.info("likelihood scoring: %d requests (%d rows, %d tokens) in %.1f s, %.1f s of it encoding", len(requests),
+             len(rows), sum(r.length for r in rows), time.monotonic() - started, encoded - started)
     done = [r for r in out if r is not None]
     if len(done) != len(requests):
         raise RuntimeError(f"{len(requests) - len(done)} of {len(requests)} requests were not scored")

@@ -106,3 +106,30 @@ def test_cache_too_short_is_refused(tiny) -> None:
     model, tok, ids, mask = tiny
     with pytest.raises(ValueError, match="cache of"):
         greedy_static(model, ids, mask, 8, ids.shape[1] + 4, tok.pad_token_id, [])
+
+
+def test_closed_view_frees_the_cache_without_the_garbage_collector(tiny) -> None:
+    """The wrapped update holds the layer's bound method (a cycle): unless closed, a batch's
+    cache would stay allocated until a gc run, beside the next batch's."""
+    import gc
+    import weakref
+
+    import torch
+    from transformers import StaticCache
+
+    model, _tok, _ids, _mask = tiny
+    k = torch.randn(1, model.config.num_attention_heads, 2, 4)
+    gc.disable()
+    try:
+        refs = []
+        for close in (False, True):
+            cache = StaticCache(config=model.config, max_cache_len=8)
+            view = PrefixCacheView(cache, 8)
+            cache.layers[0].update(k, k.clone())
+            refs.append(weakref.ref(cache.layers[0]))
+            if close:
+                view.close()
+            del cache, view
+        assert refs[0]() is not None and refs[1]() is None
+    finally:
+        gc.enable()

@@ -36,9 +36,17 @@ class PrefixCacheView:
     would have contributed exact zeros, so results are unchanged and fewer bytes are read."""
 
     def __init__(self, cache: Any, length: int) -> None:
-        self.length = length
-        for layer in cache.layers:
+        self.length, self.layers = length, list(cache.layers)
+        for layer in self.layers:
             layer.update = self._wrap(layer.update)
+
+    def close(self) -> None:
+        """Unwraps the layers. The wrapper holds the layer's bound method, a reference cycle
+        that would keep the cache (tens of GiB on a GPU) alive until the garbage collector
+        runs, i.e. still allocated while the next batch allocates its own."""
+        for layer in self.layers:
+            del layer.update
+        self.layers = []
 
     def _wrap(self, update: Callable[..., Any]) -> Callable[..., Any]:
         def sliced(key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
@@ -156,17 +164,30 @@ def greedy_static(
     ``on_progress(steps, unfinished)`` is called after every step; it must not synchronise
     with the device unless it logs.
     """
-    import torch
     from transformers import StaticCache
 
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    rows, width = ids.shape
+    width = ids.shape[1]
     if width + max_new_tokens > cache_len:
         raise ValueError(f"cache of {cache_len} positions < prompt width {width} + {max_new_tokens} new tokens")
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     view = PrefixCacheView(cache, cache_len)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    try:
+        return _decode(model, ids, mask, max_new_tokens, cache, view, pad_id, eos_ids, bucket_tokens,
+                       cuda_graphs and device.type == "cuda", on_progress)
+    finally:
+        view.close()
+
+
+def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, cache: Any, view: PrefixCacheView, pad_id: int,
+            eos_ids: list[int], bucket_tokens: int, cuda_graphs: bool,
+            on_progress: Callable[[int, Any], None] | None) -> Any:
+    import torch
+
+    rows, width = ids.shape
+    cache_len = view.length
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
     with torch.inference_mode():
         # The prefill is generate()'s own first call: whole cache, 2-D mask, pads at position 0.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -174,11 +195,10 @@ def greedy_static(
                        use_cache=True, logits_to_keep=1).logits
         first = logits[:, -1].argmax(dim=-1)
         state = _StepState(first, positions, mask, cache_len)
-        out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
         out[:, 0] = first
         unfinished = ~torch.isin(first, eos)
-        steps = _Steps(lambda n: _forward_step(model, cache, view, state, n),
-                       cuda_graphs and device.type == "cuda")
+        steps = _Steps(lambda n: _forward_step(model, cache, view, state, n), cuda_graphs)
         done = 1
         while done < max_new_tokens:
             if done % FINISHED_CHECK_STEPS == 0 and not bool(unfinished.any()):
@@ -191,4 +211,5 @@ def greedy_static(
             done += 1
             if on_progress is not None:
                 on_progress(done, unfinished)
+        steps.graphs.clear()  # the graphs hold the cache's addresses and their memory pool
     return out[:, :done]
