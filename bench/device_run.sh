@@ -10,7 +10,8 @@
 # Needs .carry/medqa_test_4opt.jsonl and .carry/phi2-random-tok/ (a tokenizer saved by
 # bench/stage_phi2_random.py; without it the script trains one, ~40 s). Logs and results go to
 # RESULTS_DIR (first argument, default /tmp/bench-results). BENCH_STEPS picks steps (default all:
-# "stage eval-medqa eval-medqa-plain loglik eval-bench train"); stage always runs first when named.
+# "stage eval-medqa eval-medqa-plain loglik eval-medqa-kernels eval-bench train"); stage always runs
+# first when named. EVAL_PATHS: eval-bench's --paths; DECODE_SDPA: eval-medqa-kernels' kernels.
 #   bash bench/device_run.sh /tmp/bench-results
 #   BENCH_STEPS="stage eval-medqa" bash bench/device_run.sh /tmp/bench-results
 set -uo pipefail
@@ -20,7 +21,7 @@ STORE="${BENCH_STORE:-/tmp/bench-store}"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-STEPS=" ${BENCH_STEPS:-stage eval-medqa eval-medqa-plain loglik eval-bench train} "
+STEPS=" ${BENCH_STEPS:-stage eval-medqa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
 read -r -a VARIANTS <<<"${TRAIN_VARIANTS:-bf16=phi2-bf16}"
 
 step() { # usage: step NAME TIME_LIMIT_S COMMAND...
@@ -49,9 +50,11 @@ evaluate() { # usage: evaluate NAME LIMIT [--set k=v ...]: the job on the MedQA 
 evaluate eval-medqa 180
 evaluate eval-medqa-plain 200 --set eval.compile=none
 evaluate loglik 100 --set eval.scoring=loglikelihood
+# The default decode with the attention kernels named in DECODE_SDPA (MEDREASON_DECODE_SDPA).
+[[ -n "${DECODE_SDPA:-}" ]] && MEDREASON_DECODE_SDPA="$DECODE_SDPA" evaluate eval-medqa-kernels 180
 step eval-bench 180 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
     --prompts 384 --naive-prompts 0 --max-new-tokens 128 --batch-size 192 --max-batch-tokens 196608 \
-    --paths none graphs --out "$RES"
+    --paths ${EVAL_PATHS:-none graphs} --out "$RES"
 vargs=()
 for v in "${VARIANTS[@]}"; do vargs+=(--variant "$v"); done
 step train "${TRAIN_LIMIT:-420}" python3 bench/train_throughput.py --store "$STORE" --run bench --steps "${TRAIN_STEPS:-18}" \

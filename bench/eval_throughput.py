@@ -37,8 +37,9 @@ def main() -> int:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="eval.max_batch_tokens for the job path")
     ap.add_argument("--cache-bucket-tokens", type=int, default=None,
                     help="eval.cache_bucket_tokens for the job path (default: the config's)")
-    ap.add_argument("--paths", nargs="+", choices=["graphs", "none", "full"], default=["none", "graphs"],
-                    help="eval.compile values to run on the job path; the first is the baseline")
+    ap.add_argument("--paths", nargs="+", default=["none", "graphs"],
+                    help="eval.compile values to run on the job path, the first being the baseline; "
+                    "graphs@K1,K2 runs graphs with MEDREASON_DECODE_SDPA=K1,K2 (attention kernels)")
     ap.add_argument("--file-new-tokens", type=int, default=512, help="new tokens for the bandwidth limit")
     ap.add_argument("--file-batch-size", type=int, default=192, help="eval.batch_size for the bandwidth limit")
     ap.add_argument("--file-max-batch-tokens", type=int, default=196608,
@@ -89,7 +90,11 @@ def main() -> int:
     results["job_settings"] = {"batch_size": args.batch_size, **job}
     rows = []
     for path in args.paths:
-        run = lambda path=path: generate_texts(model, tok, prompts[:m], new, args.batch_size, compile_mode=path, **job)  # noqa: E731
+        mode, _, kernels = path.partition("@")
+        os.environ.pop("MEDREASON_DECODE_SDPA", None)
+        if kernels:
+            os.environ["MEDREASON_DECODE_SDPA"] = kernels
+        run = lambda mode=mode: generate_texts(model, tok, prompts[:m], new, args.batch_size, compile_mode=mode, **job)  # noqa: E731
         texts, first_s = timed(run)
         again, path_s = timed(run)
         same = sum(a == b for a, b in zip(texts, rows[0]["texts"] if rows else texts, strict=True))

@@ -54,19 +54,38 @@ def prefix_token_id(tokenizer: Any) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
+def _moved_whitespace(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's rule: the context's trailing whitespace moves to the front of the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
+
+
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) split as lm-eval splits them for a causal model."""
     if context == "":
         cont = list(tokenizer.encode(continuation, add_special_tokens=False))
         prefix = prefix_token_id(tokenizer)
         return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
+    context, continuation = _moved_whitespace(context, continuation)
     whole = _encode(tokenizer, context + continuation)
     ctx = _encode(tokenizer, context)
     return ctx, whole[len(ctx):]
+
+
+def _encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """``_encode`` of every text, in two batched tokenizer calls (a fast tokenizer spreads a
+    batch over its threads): texts that carry the BOS text already, and the others."""
+    bos = getattr(tokenizer, "bos_token", None)
+    out: list[list[int]] = [[] for _ in texts]
+    for carries_bos in (True, False):
+        idx = [i for i, t in enumerate(texts) if bool(bos and t.startswith(bos)) == carries_bos]
+        if idx:
+            kwargs = {"add_special_tokens": False} if carries_bos else {}
+            for i, ids in zip(idx, tokenizer([texts[i] for i in idx], **kwargs)["input_ids"], strict=True):
+                out[i] = list(ids)
+    return out
 
 
 def loglikelihoods(
@@ -181,13 +200,24 @@ def _encode_requests(tokenizer: Any, requests: Sequence[tuple[str, str]],
 
 
 def _encode_pairs(tokenizer: Any, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(context ids, continuation ids) per request; an empty continuation is an error."""
+    """(context ids, continuation ids) per request, as ``encode_pair`` gives them; an empty
+    continuation is an error. The options of a question share their context, so each distinct
+    context is encoded once, and all strings in batches."""
+    moved = [_moved_whitespace(c, x) if c else (c, x) for c, x in requests]
+    contexts = sorted({c for c, _x in moved if c})
+    ctx_ids = dict(zip(contexts, _encode_many(tokenizer, contexts), strict=True))
+    with_ctx = [i for i, (c, _x) in enumerate(moved) if c]
+    wholes = dict(zip(with_ctx, _encode_many(tokenizer, [moved[i][0] + moved[i][1] for i in with_ctx]), strict=True))
     pairs = []
-    for context, continuation in requests:
-        ctx, cont = encode_pair(tokenizer, context, continuation)
-        if not cont:
+    for i, (context, continuation) in enumerate(requests):
+        if moved[i][0]:
+            ctx = ctx_ids[moved[i][0]]
+            pair = (ctx, wholes[i][len(ctx):])
+        else:
+            pair = encode_pair(tokenizer, context, continuation)
+        if not pair[1]:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
-        pairs.append((ctx, cont))
+        pairs.append(pair)
     return pairs
 
 

@@ -133,3 +133,17 @@ def test_closed_view_frees_the_cache_without_the_garbage_collector(tiny) -> None
         assert refs[0]() is not None and refs[1]() is None
     finally:
         gc.enable()
+
+
+def test_attention_kernel_choice(tiny, monkeypatch) -> None:
+    """MEDREASON_DECODE_SDPA picks the decode step's attention kernels; the math kernel gives the
+    default path's tokens on CPU, and a wrong name stops with the list of names."""
+    import torch
+
+    model, tok, ids, mask = tiny
+    want = greedy_static(model, ids, mask, 6, ids.shape[1] + 8, tok.pad_token_id, [])
+    monkeypatch.setenv("MEDREASON_DECODE_SDPA", "math")
+    assert torch.equal(greedy_static(model, ids, mask, 6, ids.shape[1] + 8, tok.pad_token_id, []), want)
+    monkeypatch.setenv("MEDREASON_DECODE_SDPA", "cudnn,bogus")
+    with pytest.raises(ValueError, match="unknown \\['bogus'\\]"):
+        greedy_static(model, ids, mask, 6, ids.shape[1] + 8, tok.pad_token_id, [])

@@ -189,3 +189,20 @@ def test_prediction_rows_in_the_evaluate_format(tiny_phi_dir: Path) -> None:
         assert list(row["logliks"].values()) == pytest.approx(d.logliks, abs=1e-5)
     summary = summarize_rows(rows)
     assert summary["n"] == 5 and summary["parse_failures"] == 0
+
+
+def test_batched_encoding_equals_one_pair_at_a_time(tiny_phi_dir: Path) -> None:
+    """Requests are encoded in batches with each distinct context once: the ids must be
+    encode_pair's, also for BOS-prefixed, whitespace-ended, blank and empty contexts."""
+    from transformers import AutoTokenizer
+
+    from medreason.loglik import _encode_pairs
+
+    tok = AutoTokenizer.from_pretrained(tiny_phi_dir)
+    bos = tok.bos_token or "<|endoftext|>"
+    q = medqa_prompt("A 30-year-old woman has fever. Which drug?", {"A": "aspirin", "B": "ibuprofen"})
+    requests = [(q, " A"), (q, " B"), (q + " ", "aspirin"), (bos + q, " A"), ("", "fever"), ("  ", "x"),
+                ("Dose: 5", "0 mg"), (q, " ibuprofen 400 mg")]
+    assert _encode_pairs(tok, requests) == [encode_pair(tok, c, x) for c, x in requests]
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        _encode_pairs(tok, [(q, "")])

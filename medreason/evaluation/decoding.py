@@ -18,13 +18,20 @@ CPU, where the same loop runs without graphs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_TOKENS = 128
+# Which scaled_dot_product_attention kernels a decode step may use, in order of preference
+# (comma-separated: cudnn, efficient, flash, math); unset: PyTorch's own choice. For measuring.
+SDPA_ENV = "MEDREASON_DECODE_SDPA"
+_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
+             "math": "MATH"}
 # How often (steps) the loop asks the GPU whether every row has finished: each question is a
 # host-device synchronisation, which would stall the replays queued behind it.
 FINISHED_CHECK_STEPS = 16
@@ -84,13 +91,29 @@ class _StepState:
         self.current += 1
 
 
+def attention_kernels() -> Any:
+    """A context choosing the attention kernels of a decode step (``MEDREASON_DECODE_SDPA``)."""
+    value = os.environ.get(SDPA_ENV, "").strip()
+    if not value:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = [v.strip() for v in value.split(",")]
+    unknown = [n for n in names if n not in _BACKENDS]
+    if unknown:
+        raise ValueError(f"{SDPA_ENV}={value!r}: unknown {unknown}; use a comma-separated list of {sorted(_BACKENDS)}")
+    return sdpa_kernel([getattr(SDPBackend, _BACKENDS[n]) for n in names], set_priority=True)
+
+
 def _forward_step(model: Any, cache: Any, view: PrefixCacheView, state: _StepState, length: int) -> None:
     """One decode step reading ``length`` cache positions; the greedy token goes to
     ``state.next_tokens``."""
     view.length = length
     allowed = state.key_ok[:, :length] & (state.key_index[:length] <= state.current)
-    logits = model(input_ids=state.tokens, position_ids=state.positions, attention_mask=allowed[:, None, None, :],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    with attention_kernels():
+        logits = model(input_ids=state.tokens, position_ids=state.positions,
+                       attention_mask=allowed[:, None, None, :], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
     state.next_tokens.copy_(logits[:, -1].argmax(dim=-1))
 
 
