@@ -51,7 +51,7 @@ evaluate eval-medqa 180
 evaluate eval-medqa-plain 200 --set eval.compile=none
 evaluate loglik 100 --set eval.scoring=loglikelihood
 # The default decode with the attention kernels named in DECODE_SDPA (MEDREASON_DECODE_SDPA).
-[[ -n "${DECODE_SDPA:-}" ]] && MEDREASON_DECODE_SDPA="$DECODE_SDPA" evaluate eval-medqa-kernels 180
+[[ -n "${DECODE_SDPA:-}" ]] && (export MEDREASON_DECODE_SDPA="$DECODE_SDPA"; evaluate eval-medqa-kernels 180)
 step eval-bench 180 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
     --prompts 384 --naive-prompts 0 --max-new-tokens 128 --batch-size 192 --max-batch-tokens 196608 \
     --paths ${EVAL_PATHS:-none graphs} --out "$RES"
