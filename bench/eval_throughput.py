@@ -28,7 +28,7 @@ import time
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", required=True)
+    ap.add_argument("--store")
     ap.add_argument("--bench", required=True, help="MedQA-style jsonl")
     ap.add_argument("--prompts", type=int, default=256, help="prompts for the batched path")
     ap.add_argument("--naive-prompts", type=int, default=8)
@@ -45,7 +45,13 @@ def main() -> int:
     ap.add_argument("--file-max-batch-tokens", type=int, default=196608,
                     help="eval.max_batch_tokens for the bandwidth limit (bench/eval_medqa.yaml's)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--traffic-only", action="store_true",
+                    help="print the file's bandwidth limit at --read-tbps and stop (no GPU, no store)")
+    ap.add_argument("--tokenizer", help="with --traffic-only: the tokenizer folder")
+    ap.add_argument("--read-tbps", type=float, default=4.3, help="with --traffic-only: read bandwidth, TB/s")
     args = ap.parse_args()
+    if args.traffic_only:
+        return traffic_only(args)
 
     import torch
 
@@ -103,7 +109,7 @@ def main() -> int:
                      "repeat_identical": texts == again})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "texts"}), flush=True)
     results["paths"] = [{k: v for k, v in r.items() if k != "texts"} for r in rows]
-    results["bandwidth"] = bandwidth_limit(torch, cfg.model, [len(p) for p in prompts], args, bucket)
+    results["bandwidth"] = bandwidth_limit([len(p) for p in prompts], args, bucket, measured_read_bps(torch))
     print(json.dumps(results["bandwidth"]), flush=True)
     results["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     with open(os.path.join(args.out, "eval_results.json"), "w") as fh:
@@ -119,21 +125,25 @@ def main() -> int:
     return 0
 
 
-def bandwidth_limit(torch, model_cfg, lengths: list[int], args, bucket: int) -> dict:  # noqa: ANN001
-    """Seconds the whole file's decode needs at the measured read bandwidth: every step reads the
-    weights once per batch, and each row's KV cache (positions in use, or as read)."""
-    from medreason.evaluation.decoding import DEFAULT_BUCKET_TOKENS, bucket_length
-    from medreason.evaluation.generation import plan_generation_batches
-
-    big = torch.empty(2**32, dtype=torch.bfloat16, device="cuda")  # 8 GiB
+def measured_read_bps(torch) -> float:  # noqa: ANN001
+    """Bytes/s of reading an 8 GiB bf16 tensor (a sum), the bound of a step that streams the KV cache."""
+    big = torch.empty(2**32, dtype=torch.bfloat16, device="cuda")
     big.sum()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(10):
         big.sum()
     torch.cuda.synchronize()
-    read_bps = 10 * big.numel() * 2 / (time.perf_counter() - t0)
-    del big
+    return 10 * big.numel() * 2 / (time.perf_counter() - t0)
+
+
+def bandwidth_limit(lengths: list[int], args, bucket: int, read_bps: float) -> dict:  # noqa: ANN001
+    """Seconds the whole file's decode needs at ``read_bps``: every step of a batch reads the
+    weights once, and each row's KV cache: the positions in use (the limit of any decoder), or
+    the positions the default decode reads (its prefix views of the batch's left-padded cache)."""
+    from medreason.evaluation.decoding import DEFAULT_BUCKET_TOKENS, bucket_length
+    from medreason.evaluation.generation import plan_generation_batches
+
     new = args.file_new_tokens
     hidden, layers = 2560, 32  # Phi-2: K+V of one position = 2 x layers x hidden x 2 bytes
     per_pos, weights = 2 * layers * hidden * 2, 2.78e9 * 2
@@ -144,11 +154,30 @@ def bandwidth_limit(torch, model_cfg, lengths: list[int], args, bucket: int) -> 
         steps += new
         used += sum(new * lengths[i] + new * (new - 1) // 2 for i in batch)
         read += sum(len(batch) * bucket_length(width + t, DEFAULT_BUCKET_TOKENS, cache_len) for t in range(new))
-    return {"read_GBps": read_bps / 1e9, "batches": len(plan), "decode_steps": steps,
-            "tokens": len(lengths) * new, "weights_s": steps * weights / read_bps,
-            "kv_in_use_s": used * per_pos / read_bps, "kv_as_read_s": read * per_pos / read_bps,
-            "limit_in_use_tokens_per_s": len(lengths) * new / ((steps * weights + used * per_pos) / read_bps),
-            "limit_as_read_tokens_per_s": len(lengths) * new / ((steps * weights + read * per_pos) / read_bps)}
+    tokens = len(lengths) * new
+    in_use_s = (steps * weights + used * per_pos) / read_bps
+    as_read_s = (steps * weights + read * per_pos) / read_bps
+    return {"read_TBps": read_bps / 1e12, "batches": len(plan), "decode_steps": steps, "tokens": tokens,
+            "weights_TB": steps * weights / 1e12, "kv_in_use_TB": used * per_pos / 1e12,
+            "kv_as_read_TB": read * per_pos / 1e12, "limit_in_use_s": in_use_s, "limit_as_read_s": as_read_s,
+            "limit_in_use_tokens_per_s": tokens / in_use_s, "limit_as_read_tokens_per_s": tokens / as_read_s}
+
+
+def traffic_only(args) -> int:  # noqa: ANN001
+    """The bandwidth limit alone, on any machine: the file tokenized with --tokenizer."""
+    from transformers import AutoTokenizer
+
+    from medreason.benchmarks import load_benchmark
+    from medreason.config import BenchmarkConfig, build_config
+    from medreason.evaluation.generation import build_prompt, encode_prompt
+
+    cfg = build_config(preset="phi2-bf16")
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    records = load_benchmark(BenchmarkConfig(name="medqa", path=args.bench))
+    lengths = [len(encode_prompt(tok, build_prompt(r, cfg.data.template, tok), cfg.data.template)) for r in records]
+    bucket = cfg.eval.cache_bucket_tokens if args.cache_bucket_tokens is None else args.cache_bucket_tokens
+    print(json.dumps(bandwidth_limit(lengths, args, bucket, args.read_tbps * 1e12), indent=1))
+    return 0
 
 
 if __name__ == "__main__":
