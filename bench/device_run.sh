@@ -23,6 +23,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
 STEPS=" ${BENCH_STEPS:-stage eval-medqa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
 read -r -a VARIANTS <<<"${TRAIN_VARIANTS:-bf16=phi2-bf16}"
+read -r -a EVAL_PATH_LIST <<<"${EVAL_PATHS:-none graphs}"
 
 step() { # usage: step NAME TIME_LIMIT_S COMMAND...
     local name="$1" limit="$2" t0=$SECONDS rc=0
@@ -54,7 +55,7 @@ evaluate loglik 100 --set eval.scoring=loglikelihood
 [[ -n "${DECODE_SDPA:-}" ]] && (export MEDREASON_DECODE_SDPA="$DECODE_SDPA"; evaluate eval-medqa-kernels 180)
 step eval-bench 180 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
     --prompts 384 --naive-prompts 0 --max-new-tokens 128 --batch-size 192 --max-batch-tokens 196608 \
-    --paths ${EVAL_PATHS:-none graphs} --out "$RES"
+    --paths "${EVAL_PATH_LIST[@]}" --out "$RES"
 vargs=()
 for v in "${VARIANTS[@]}"; do vargs+=(--variant "$v"); done
 step train "${TRAIN_LIMIT:-420}" python3 bench/train_throughput.py --store "$STORE" --run bench --steps "${TRAIN_STEPS:-18}" \
