@@ -82,7 +82,9 @@ def committed(ctx: Any, stage: Stage) -> dict[str, Any] | None:
     if existing is None or ctx.force:
         return None
     if existing.get("config_hash") != ctx.config.stage_hash(stage.name):
-        what = "config"
+        from medreason.config import config_changes, describe_changes
+
+        what = "config" + describe_changes(config_changes(existing.get("config"), ctx.config, stage.name))
     elif existing.get("inputs", {}) != dict(sorted(stage.inputs.items())):
         what = "inputs"
     else:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medreason import jsonio
-from medreason.config import Config
+from medreason.config import Config, config_changes, describe_changes
 from medreason.errors import InputError
 from medreason.store import ArtifactStore, build_manifest
 
@@ -162,17 +162,19 @@ class ResumePoint:
     local_dir: str
 
 
-def _config_problems(manifest: dict[str, Any], config_hash: str, inputs: dict[str, str]) -> list[str]:
+def _config_problems(manifest: dict[str, Any], config_hash: str, inputs: dict[str, str],
+                     cfg: Config | None = None) -> list[str]:
     problems = []
     if manifest.get("config_hash") != config_hash:
-        problems.append("a different config (model/data/lora/train sections)")
+        named = describe_changes(config_changes(manifest.get("config"), cfg, "train")) if cfg else ""
+        problems.append("a different config " + (named.strip() or "(model/data/lora/train sections)"))
     if manifest.get("inputs", {}) != dict(sorted(inputs.items())):
         problems.append("a different prepare stage")
     return problems
 
 
 def find_resume_point(store: ArtifactStore, ckpt_rel: str, config_hash: str, inputs: dict[str, str],
-                      force: bool) -> tuple[ResumePoint | None, bool]:
+                      force: bool, cfg: Config | None = None) -> tuple[ResumePoint | None, bool]:
     """(newest verified, compatible checkpoint or None, whether old checkpoints must be wiped).
 
     Checkpoints whose files do not match their manifest are skipped (warning); the newest one
@@ -187,7 +189,7 @@ def find_resume_point(store: ArtifactStore, ckpt_rel: str, config_hash: str, inp
             log.warning("skipping checkpoint %s: it does not verify against its manifest (%s); "
                         "trying the one before it", store.display(rel), exc)
             continue
-        problems = _config_problems(store.read_manifest(rel) or {}, config_hash, inputs)
+        problems = _config_problems(store.read_manifest(rel) or {}, config_hash, inputs, cfg)
         if not problems:
             return ResumePoint(name, local_dir), False
         if force:
@@ -245,7 +247,7 @@ class CheckpointClient:
         if not wipe_all:
             with self.acc.local_main_process_first():
                 point, wipe_ckpts = find_resume_point(self.store, self.ckpt_rel, self.config_hash,
-                                                      self.inputs, force)
+                                                      self.inputs, force, self.cfg)
         self.acc.wait_for_everyone()  # every rank has read the listing before rank 0 changes it
         if self.is_main and wipe_all:
             log.warning("--force: removing the committed train stage and its checkpoints at %s",

@@ -264,15 +264,7 @@ class Config(_Section):
     # -- hashing ---------------------------------------------------------------------------
     def section_hash(self, *sections: str) -> str:
         """sha256 over the canonical JSON of the named sections (all when none named)."""
-        data = self.model_dump(mode="json")
-        for key in TRACKER_KEYS:
-            data["train"].pop(key, None)
-        data["train"]["report_to"] = []  # hashed as unset: see TRACKER_KEYS
-        for (section, key), value in HASHED_AS_ABSENT_AT.items():
-            if data[section].get(key) == value:
-                del data[section][key]
-        if sections:
-            data = {s: data[s] for s in sections}
+        data = hashed_sections(self.model_dump(mode="json"), sections)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
@@ -292,6 +284,56 @@ HASHED_AS_ABSENT_AT: dict[tuple[str, str], object] = {
     ("eval", "loglik_shared_context"): True,  # same numbers up to float rounding
     ("train", "lora_compute_dtype"): "float32",  # PEFT's float32 adapter products, as before
 }
+
+def hashed_sections(data: dict[str, Any], sections: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config dump (``model_dump(mode="json")``, or a manifest's "config") as it is hashed:
+    tracker settings out, fields added later out at their earlier behaviour; the named sections
+    (all when none named)."""
+    data = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
+    train = data.setdefault("train", {})
+    for key in TRACKER_KEYS:
+        train.pop(key, None)
+    train["report_to"] = []  # hashed as unset: see TRACKER_KEYS
+    for (section, key), value in HASHED_AS_ABSENT_AT.items():
+        if key in data.get(section, {}) and data[section][key] == value:
+            del data[section][key]
+    return {name: data.get(name, {}) for name in sections} if sections else data
+
+
+def config_changes(recorded: Any, config: Config, stage: str) -> list[str]:
+    """``section.key: old -> new`` for each hashed value of ``stage``'s sections that differs
+    between a recorded config (a manifest's "config") and ``config``: what an operator must
+    know when a stage or checkpoint refuses the config it is run with. [] when not recorded."""
+    if not isinstance(recorded, dict):
+        return []
+    sections = STAGE_SECTIONS[stage]
+    old, new = hashed_sections(recorded, sections), hashed_sections(config.model_dump(mode="json"), sections)
+    changes = []
+    for section in sections:
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if before.get(key, _UNSET) != after.get(key, _UNSET):
+                changes.append(f"{section}.{key}: {_shown(before, key)} -> {_shown(after, key)}")
+    return changes
+
+
+_UNSET = object()
+
+
+def _shown(values: dict[str, Any], key: str) -> str:
+    if key not in values:
+        return "(unset)"
+    text = json.dumps(values[key], sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_changes(changes: list[str], most: int = 6) -> str:
+    """' (a: x -> y, ...)' for a message, '' when there is nothing to name."""
+    if not changes:
+        return ""
+    more = f", and {len(changes) - most} more" if len(changes) > most else ""
+    return " (" + ", ".join(changes[:most]) + more + ")"
+
 
 # Which config sections decide each stage's output. Changing eval settings must not force a
 # re-train; changing LoRA settings must.

@@ -317,3 +317,20 @@ def test_fields_added_later_hash_as_absent_at_their_old_behaviour() -> None:
         json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert new.stage_hash("train") != old.stage_hash("train")
     assert ("train", "lora_compute_dtype") in HASHED_AS_ABSENT_AT
+
+
+def test_config_changes_name_what_the_hash_saw() -> None:
+    """What differs between a recorded config and this one, key by key, for a stage's sections;
+    fields hashed as absent at their earlier value and tracker settings are not changes."""
+    from medreason.config import config_changes, describe_changes
+
+    recorded = build_config(overrides=["train.compile=false", "eval.max_new_tokens=64"], env={})
+    dump = recorded.model_dump(mode="json")
+    del dump["train"]["lora_compute_dtype"]  # a run from before the field existed
+    now = build_config(overrides=["train.compile=true", "train.lora_compute_dtype=float32",
+                                  "train.tracker_project=x", "eval.max_new_tokens=128"], env={})
+    assert config_changes(dump, now, "train") == ["train.compile: false -> true"]
+    assert config_changes(dump, now, "evaluate") == ["train.compile: false -> true", "eval.max_new_tokens: 64 -> 128"]
+    assert config_changes(None, now, "train") == []
+    assert describe_changes([f"k{i}: 0 -> 1" for i in range(8)], most=2) == " (k0: 0 -> 1, k1: 0 -> 1, and 6 more)"
+    assert describe_changes([]) == ""

@@ -47,7 +47,9 @@ def test_builds_once_then_skips_then_conflicts(tmp_path: Path, caplog) -> None:
     assert again.skipped and len(calls) == 1
     assert "prepare of run r1 is already committed at" in caplog.text and "(n=5)" in caplog.text
 
-    with pytest.raises(StageConflict, match="different config; pass --force to redo it, or use a new --run id"):
+    # The refusal names what changed, as the hash saw it.
+    with pytest.raises(StageConflict, match=r"different config \(data.limit: null -> 5\); pass --force to redo "
+                       "it, or use a new --run id"):
         run_stage(_ctx(tmp_path, "data.limit=5"), stage, _builder(calls))
     with pytest.raises(StageConflict, match="different inputs"):
         run_stage(_ctx(tmp_path), Stage("prepare", {"model": "other"}), _builder(calls))

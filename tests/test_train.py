@@ -152,7 +152,7 @@ def test_bad_input_exits_2(tmp_path: Path, tiny_phi_dir: Path, cli_inproc) -> No
     old_hash = store.read_manifest("runs/b/train")["config_hash"]
     store.fs.rm(store.full("runs/b/train/MANIFEST.json"))  # as if killed before the final commit
     rc, _out, err = cli_inproc(*base, "--run", "b", "--set", "train.learning_rate=0.01")
-    assert rc == 2 and "different config" in err and "--force" in err
+    assert rc == 2 and "different config (train.learning_rate: " in err and " -> 0.01)" in err and "--force" in err
     rc, _out, err = cli_inproc(*base, "--run", "b", "--set", "train.learning_rate=0.01", "--force")
     assert rc == 0, err
     assert "starting fresh" in err and "resuming" not in err
