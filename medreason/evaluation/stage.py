@@ -210,7 +210,9 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
     prep_dir = store.materialize(store.stage_rel(run_id, "prepare"))
     bad_rows: dict[str, dict[str, Any]] = {}
     sets = scored_sets(prep_dir, ecfg, bad_rows)
+    loading = time.monotonic()
     models = load_for_inference(store, run_id, which, cfg, dist.device, compare_base=ecfg.compare_base)
+    log.info("%s loaded in %.1f s", " and ".join(m.label for m in models), time.monotonic() - loading)
     split, loss_indices = _loss_split(prep_dir, ecfg, sets)
     predictions: list[dict[str, Any]] = []
     losses: dict[str, dict[str, float]] = {}
