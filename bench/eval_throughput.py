@@ -51,7 +51,11 @@ def main() -> int:
     ap.add_argument("--read-tbps", type=float, default=4.3, help="with --traffic-only: read bandwidth, TB/s")
     args = ap.parse_args()
     if args.traffic_only:
+        if not args.tokenizer:
+            ap.error("--traffic-only needs --tokenizer")
         return traffic_only(args)
+    if not args.store:
+        ap.error("--store is required (unless --traffic-only)")
 
     import torch
 

@@ -284,6 +284,8 @@ HASHED_AS_ABSENT_AT: dict[tuple[str, str], object] = {
     ("eval", "loglik_shared_context"): True,  # same numbers up to float rounding
     ("train", "lora_compute_dtype"): "float32",  # PEFT's float32 adapter products, as before
 }
+_UNSET = object()
+
 
 def hashed_sections(data: dict[str, Any], sections: tuple[str, ...] = ()) -> dict[str, Any]:
     """A config dump (``model_dump(mode="json")``, or a manifest's "config") as it is hashed:
@@ -315,9 +317,6 @@ def config_changes(recorded: Any, config: Config, stage: str) -> list[str]:
             if before.get(key, _UNSET) != after.get(key, _UNSET):
                 changes.append(f"{section}.{key}: {_shown(before, key)} -> {_shown(after, key)}")
     return changes
-
-
-_UNSET = object()
 
 
 def _shown(values: dict[str, Any], key: str) -> str:

@@ -43,11 +43,7 @@ def medqa_prompt(question: str, options: dict[str, str]) -> str:
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    kwargs: dict[str, Any] = {}
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos and text.startswith(bos):
-        kwargs["add_special_tokens"] = False  # the text carries its BOS already
-    return list(tokenizer.encode(text, **kwargs))
+    return _encode_many(tokenizer, [text])[0]
 
 
 def prefix_token_id(tokenizer: Any) -> int:
@@ -75,8 +71,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 
 def _encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """``_encode`` of every text, in two batched tokenizer calls (a fast tokenizer spreads a
-    batch over its threads): texts that carry the BOS text already, and the others."""
+    """Token ids of every text with the tokenizer's own special-token default, except that a
+    text already starting with the BOS text gets none added; in two batched tokenizer calls (a
+    fast tokenizer spreads a batch over its threads)."""
     bos = getattr(tokenizer, "bos_token", None)
     out: list[list[int]] = [[] for _ in texts]
     for carries_bos in (True, False):

@@ -147,3 +147,15 @@ def test_attention_kernel_choice(tiny, monkeypatch) -> None:
     monkeypatch.setenv("MEDREASON_DECODE_SDPA", "cudnn,bogus")
     with pytest.raises(ValueError, match="unknown \\['bogus'\\]"):
         greedy_static(model, ids, mask, 6, ids.shape[1] + 8, tok.pad_token_id, [])
+
+
+def test_bad_kernel_name_stops_before_the_first_batch(tiny, monkeypatch) -> None:
+    """A mistyped MEDREASON_DECODE_SDPA is the user's input (exit 2), found when the decoder is
+    chosen, before any batch runs."""
+    from medreason.errors import InputError
+
+    model, _tok, _ids, _mask = tiny
+    monkeypatch.setenv("MEDREASON_DECODE_SDPA", "cuddn")
+    with pytest.raises(InputError, match="MEDREASON_DECODE_SDPA='cuddn': unknown"):
+        decode_path("graphs", True, model)
+    assert decode_path("none", True, model) == "generate"  # generate() does not read it

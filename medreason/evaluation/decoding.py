@@ -101,7 +101,9 @@ def attention_kernels() -> Any:
     names = [v.strip() for v in value.split(",")]
     unknown = [n for n in names if n not in _BACKENDS]
     if unknown:
-        raise ValueError(f"{SDPA_ENV}={value!r}: unknown {unknown}; use a comma-separated list of {sorted(_BACKENDS)}")
+        from medreason.errors import InputError
+
+        raise InputError(f"{SDPA_ENV}={value!r}: unknown {unknown}; use a comma-separated list of {sorted(_BACKENDS)}")
     return sdpa_kernel([getattr(SDPBackend, _BACKENDS[n]) for n in names], set_priority=True)
 
 

@@ -82,8 +82,8 @@ def _compile_generation(mode: str, plan: list[tuple[list[int], int]], batch_size
     'full' is transformers' own: the whole forward compiled with CUDA graphs, once per shape,
     or once for symbolic shapes when the plan has several. Compiling a 32-layer model for
     symbolic shapes costs minutes, more than the faster steps save on one benchmark file
-    (bench/RESULTS.md), so 'none' (eager, the static cache still written in place) is the
-    default; 'full' pays on longer runs.
+    (bench/RESULTS.md); 'none' decodes eagerly, the static cache still written in place. The
+    default, 'graphs', does not go through generate() (medreason/evaluation/decoding.py).
     """
     if mode != "full":  # 'none', or 'graphs' where generate() decodes instead
         return {"disable_compile": True}
@@ -216,6 +216,9 @@ def decode_path(compile_mode: str, static: bool, hf_model: Any) -> str:
     if reason:
         log.warning("generation config sets %s: decoding with transformers' generate()", reason)
         return "generate"
+    from medreason.evaluation.decoding import attention_kernels
+
+    attention_kernels()  # a bad MEDREASON_DECODE_SDPA stops here, before the first batch
     return "graphs"
 
 
