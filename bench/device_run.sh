@@ -2,15 +2,18 @@
 # The GPU benchmarks of bench/RESULTS.md in one call on a bare GPU machine, most important first,
 # each under its own time limit so that one stuck step cannot take the others with it:
 #   1. stage random weights of the exact Phi-2 shape and a synthetic prepare stage
-#   2. `medreason evaluate` on the 1,273-question MedQA file (bench/eval_medqa.yaml): the default
-#      decode (eval-medqa), transformers' generate() (eval-medqa-plain), likelihood scoring (loglik)
-#   3. evaluate's decode paths side by side on the same prompts, and the file's bandwidth limit
-#   4. `bench/train_throughput.py` on TRAIN_VARIANTS (default: phi2-bf16), with a profile of the
+#   2. the decode step's attention alone: the Triton kernel against SDPA (decode-attn)
+#   3. `medreason evaluate` on the 1,273-question MedQA file (bench/eval_medqa.yaml): the default
+#      decode (eval-medqa), its SDPA attention (eval-medqa-sdpa), transformers' generate()
+#      (eval-medqa-plain), likelihood scoring (loglik)
+#   4. evaluate's decode paths side by side on the same prompts, and the file's bandwidth limit
+#   5. `bench/train_throughput.py` on TRAIN_VARIANTS (default: phi2-bf16), with a profile of the
 #      last steps of each
 # Needs .carry/medqa_test_4opt.jsonl and .carry/phi2-random-tok/ (a tokenizer saved by
 # bench/stage_phi2_random.py; without it the script trains one, ~40 s). Logs and results go to
 # RESULTS_DIR (first argument, default /tmp/bench-results). BENCH_STEPS picks steps (default all:
-# "stage eval-medqa eval-medqa-plain loglik eval-medqa-kernels eval-bench train"); stage always runs
+# "stage decode-attn eval-medqa eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench
+# train"); stage always runs
 # first when named. EVAL_PATHS: eval-bench's --paths; DECODE_SDPA: eval-medqa-kernels' kernels.
 #   bash bench/device_run.sh /tmp/bench-results
 #   BENCH_STEPS="stage eval-medqa" bash bench/device_run.sh /tmp/bench-results
@@ -21,7 +24,7 @@ STORE="${BENCH_STORE:-/tmp/bench-store}"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-STEPS=" ${BENCH_STEPS:-stage eval-medqa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
+STEPS=" ${BENCH_STEPS:-stage decode-attn eval-medqa eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
 read -r -a VARIANTS <<<"${TRAIN_VARIANTS:-bf16=phi2-bf16}"
 read -r -a EVAL_PATH_LIST <<<"${EVAL_PATHS:-none graphs}"
 
@@ -48,11 +51,14 @@ evaluate() { # usage: evaluate NAME LIMIT [--set k=v ...]: the job on the MedQA 
         --name "$name" --force "$@"
     cp "$STORE/runs/bench/evaluate/$name/MANIFEST.json" "$RES/$name-manifest.json" 2>/dev/null
 }
+TAIL_LINES=16 step decode-attn 120 python3 bench/decode_attention.py --out "$RES"
 evaluate eval-medqa 180
+evaluate eval-medqa-sdpa 180 --set eval.decode_attention=sdpa
 evaluate eval-medqa-plain 200 --set eval.compile=none
 evaluate loglik 100 --set eval.scoring=loglikelihood
-# The default decode with the attention kernels named in DECODE_SDPA (MEDREASON_DECODE_SDPA).
-[[ -n "${DECODE_SDPA:-}" ]] && (export MEDREASON_DECODE_SDPA="$DECODE_SDPA"; evaluate eval-medqa-kernels 180)
+# The SDPA decode with the attention kernels named in DECODE_SDPA (MEDREASON_DECODE_SDPA).
+[[ -n "${DECODE_SDPA:-}" ]] && (export MEDREASON_DECODE_SDPA="$DECODE_SDPA"
+                                evaluate eval-medqa-kernels 180 --set eval.decode_attention=sdpa)
 step eval-bench 180 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
     --prompts 384 --naive-prompts 0 --max-new-tokens 128 --batch-size 192 --max-batch-tokens 196608 \
     --paths "${EVAL_PATH_LIST[@]}" --out "$RES"

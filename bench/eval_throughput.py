@@ -39,7 +39,8 @@ def main() -> int:
                     help="eval.cache_bucket_tokens for the job path (default: the config's)")
     ap.add_argument("--paths", nargs="+", default=["none", "graphs"],
                     help="eval.compile values to run on the job path, the first being the baseline; "
-                    "graphs@K1,K2 runs graphs with MEDREASON_DECODE_SDPA=K1,K2 (attention kernels)")
+                    "graphs:sdpa / graphs:triton picks eval.decode_attention; graphs:sdpa@K1,K2 runs it "
+                    "with MEDREASON_DECODE_SDPA=K1,K2 (SDPA's kernels)")
     ap.add_argument("--file-new-tokens", type=int, default=512, help="new tokens for the bandwidth limit")
     ap.add_argument("--file-batch-size", type=int, default=192, help="eval.batch_size for the bandwidth limit")
     ap.add_argument("--file-max-batch-tokens", type=int, default=196608,
@@ -56,6 +57,10 @@ def main() -> int:
         return traffic_only(args)
     if not args.store:
         ap.error("--store is required (unless --traffic-only)")
+    for path in args.paths:
+        mode, _, attention = path.partition("@")[0].partition(":")
+        if mode not in ("none", "graphs", "full") or attention not in ("", "triton", "sdpa"):
+            ap.error(f"--paths {path!r}: MODE[:ATTENTION][@KERNELS], MODE none|graphs|full, ATTENTION triton|sdpa")
 
     import torch
 
@@ -100,11 +105,13 @@ def main() -> int:
     results["job_settings"] = {"batch_size": args.batch_size, **job}
     rows = []
     for path in args.paths:
-        mode, _, kernels = path.partition("@")
+        spec, _, kernels = path.partition("@")
+        mode, _, attention = spec.partition(":")
         os.environ.pop("MEDREASON_DECODE_SDPA", None)
         if kernels:
             os.environ["MEDREASON_DECODE_SDPA"] = kernels
-        run = lambda mode=mode: generate_texts(model, tok, prompts[:m], new, args.batch_size, compile_mode=mode, **job)  # noqa: E731
+        run = lambda mode=mode, att=attention or cfg.eval.decode_attention: generate_texts(  # noqa: E731
+            model, tok, prompts[:m], new, args.batch_size, compile_mode=mode, decode_attention=att, **job)
         texts, first_s = timed(run)
         again, path_s = timed(run)
         same = sum(a == b for a, b in zip(texts, rows[0]["texts"] if rows else texts, strict=True))

@@ -99,7 +99,8 @@ def generate(preset, config_file, overrides, store, run_id, force, verbose, ques
     with loaded.context():  # the adapter folded in, by medreason.loading's one rule
         texts = generate_texts(loaded.model, tokenizer, ids, max_new_tokens or cfg.eval.max_new_tokens,
                                cfg.eval.batch_size, desc="generate", max_batch_tokens=cfg.eval.max_batch_tokens,
-                               cache_bucket_tokens=cfg.eval.cache_bucket_tokens, compile_mode=cfg.eval.compile)
+                               cache_bucket_tokens=cfg.eval.cache_bucket_tokens, compile_mode=cfg.eval.compile,
+                               decode_attention=cfg.eval.decode_attention)
     for i, (rec, text) in enumerate(zip(records, texts, strict=True)):
         letter, method = extract_answer(text, rec["options_map"]) if rec["options_map"] else (None, "no options")
         if as_json:

@@ -186,6 +186,12 @@ class EvalConfig(_Section):
         "as generate()); 'none' is transformers' generate(), eager; 'full' lets transformers "
         "compile the whole model with CUDA graphs: ~2 minutes of compilation for Phi-2.",
     )
+    decode_attention: Literal["triton", "sdpa"] = Field(
+        "triton",
+        description="The attention of eval.compile=graphs decode steps: 'triton' runs a kernel that "
+        "reads only each row's real cache positions (CUDA; elsewhere sdpa), 'sdpa' PyTorch's "
+        "scaled_dot_product_attention with a mask (the same tokens as generate()).",
+    )
     checkpoint: str = Field("final", description="'final', 'best', 'merged', 'none' or 'step-<N>'.")
     scoring: Literal["generate", "loglikelihood"] = Field(
         "generate",
@@ -282,6 +288,7 @@ class Config(_Section):
 # did before the field existed, or one that gives their numbers up to float rounding.
 HASHED_AS_ABSENT_AT: dict[tuple[str, str], object] = {
     ("eval", "loglik_shared_context"): True,  # same numbers up to float rounding
+    ("eval", "decode_attention"): "triton",  # same tokens up to float rounding
     ("train", "lora_compute_dtype"): "float32",  # PEFT's float32 adapter products, as before
 }
 _UNSET = object()

@@ -11,9 +11,14 @@ layer's cache is therefore read through a prefix view whose length grows in buck
 ``bucket_tokens``: one captured graph per bucket, so a step reads at most ``bucket_tokens - 1``
 positions beyond those in use.
 
-The result is the token-for-token output of ``generate()`` with greedy decoding (same prefill
-call, same masks, masked positions contribute exact zeros); tests/test_decoding.py checks it on
-CPU, where the same loop runs without graphs.
+With ``attention="sdpa"`` the result is the token-for-token output of ``generate()`` with greedy
+decoding (same prefill call, same masks, masked positions contribute exact zeros);
+tests/test_decoding.py checks it on CPU, where the same loop runs without graphs. With
+``attention="triton"`` (the default on CUDA) the decode steps' attention is the kernel of
+medreason/evaluation/decode_attention.py, which reads only each row's real positions; the prefill
+is unchanged, and the tokens are those of ``generate()`` up to float rounding in the attention
+(the kernel sums in another order), which tests/test_decode_attention.py checks on CPU through
+Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ class _StepState:
     """The device tensors a decode step reads and writes, at fixed addresses (graphs replay
     on the addresses they were captured with)."""
 
-    def __init__(self, first: Any, positions: Any, mask: Any, cache_len: int) -> None:
+    def __init__(self, first: Any, positions: Any, mask: Any, cache_len: int, starts: Any = None) -> None:
         import torch
 
         rows, width = mask.shape
@@ -84,11 +89,16 @@ class _StepState:
         self.key_index = torch.arange(cache_len, device=device)
         self.current = torch.tensor(width, device=device)  # the cache position this step writes
         self.next_tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        # For the decode attention kernel: each row's first real position, and one past the
+        # last position a step attends to (None: the step runs sdpa with the mask above).
+        self.rows = None if starts is None else (starts, torch.tensor([width + 1], dtype=torch.int32, device=device))
 
     def advance(self, fed: Any) -> None:
         self.tokens.copy_(fed[:, None])
         self.positions += 1
         self.current += 1
+        if self.rows is not None:
+            self.rows[1].add_(1)
 
 
 def attention_kernels() -> Any:
@@ -111,11 +121,15 @@ def _forward_step(model: Any, cache: Any, view: PrefixCacheView, state: _StepSta
     """One decode step reading ``length`` cache positions; the greedy token goes to
     ``state.next_tokens``."""
     view.length = length
-    allowed = state.key_ok[:, :length] & (state.key_index[:length] <= state.current)
-    with attention_kernels():
-        logits = model(input_ids=state.tokens, position_ids=state.positions,
-                       attention_mask=allowed[:, None, None, :], past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits
+    if state.rows is not None:  # the kernel takes the rows' ranges, not a mask
+        logits = model(input_ids=state.tokens, position_ids=state.positions, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1, decode_rows=state.rows).logits
+    else:
+        allowed = state.key_ok[:, :length] & (state.key_index[:length] <= state.current)
+        with attention_kernels():
+            logits = model(input_ids=state.tokens, position_ids=state.positions,
+                           attention_mask=allowed[:, None, None, :], past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits
     state.next_tokens.copy_(logits[:, -1].argmax(dim=-1))
 
 
@@ -178,7 +192,7 @@ def plain_greedy_only(model: Any) -> str | None:
 
 def greedy_static(
     model: Any, ids: Any, mask: Any, max_new_tokens: int, cache_len: int, pad_id: int, eos_ids: list[int],
-    *, bucket_tokens: int = DEFAULT_BUCKET_TOKENS, cuda_graphs: bool = True,
+    *, bucket_tokens: int = DEFAULT_BUCKET_TOKENS, cuda_graphs: bool = True, attention: str = "sdpa",
     on_progress: Callable[[int, Any], None] | None = None,
 ) -> Any:
     """Greedy continuations of a left-padded batch: ``[rows, steps]`` new token ids (``pad_id``
@@ -186,6 +200,8 @@ def greedy_static(
 
     ``model`` is the transformers model (a PEFT model's base model, adapters injected);
     ``cache_len`` >= prompt width + max_new_tokens. ``cuda_graphs`` applies on CUDA only.
+    ``attention``: "triton" runs the decode steps' attention as the kernel of decode_attention.py
+    where it can run (else, with a log line, as "sdpa": PyTorch's SDPA with a mask).
     ``on_progress(steps, unfinished)`` is called after every step; it must not synchronise
     with the device unless it logs.
     """
@@ -196,19 +212,53 @@ def greedy_static(
     width = ids.shape[1]
     if width + max_new_tokens > cache_len:
         raise ValueError(f"cache of {cache_len} positions < prompt width {width} + {max_new_tokens} new tokens")
+    starts = kernel_rows(attention, device, mask)
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     view = PrefixCacheView(cache, cache_len)
     try:
         return _decode(model, ids, mask, max_new_tokens, cache, view, pad_id, eos_ids, bucket_tokens,
-                       cuda_graphs and device.type == "cuda", on_progress)
+                       cuda_graphs and device.type == "cuda", on_progress, starts)
     finally:
         view.close()
 
 
+def kernel_rows(attention: str, device: Any, mask: Any) -> Any:
+    """The rows' first real positions for the decode attention kernel, or None for sdpa."""
+    if attention == "sdpa":
+        return None
+    if attention != "triton":
+        raise ValueError(f"decode attention {attention!r}: use 'triton' or 'sdpa'")
+    from medreason.evaluation import decode_attention
+
+    reason = decode_attention.kernel_usable(device)
+    starts = None if reason else decode_attention.row_starts(mask.to(device))
+    if reason is None and starts is None:
+        reason = "the attention mask is not plain left padding"
+    if reason:
+        log.info("decode attention: sdpa (%s)", reason)
+    return starts
+
+
+@contextlib.contextmanager
+def attention_implementation(model: Any, name: str | None) -> Any:
+    """The model's attention implementation set to ``name`` (None: unchanged) for a block."""
+    if name is None:
+        yield
+        return
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, cache: Any, view: PrefixCacheView, pad_id: int,
             eos_ids: list[int], bucket_tokens: int, cuda_graphs: bool,
-            on_progress: Callable[[int, Any], None] | None) -> Any:
+            on_progress: Callable[[int, Any], None] | None, starts: Any) -> Any:
     import torch
+
+    from medreason.evaluation import decode_attention
 
     rows, width = ids.shape
     cache_len = view.length
@@ -219,22 +269,24 @@ def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, cache: Any, vi
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits
         first = logits[:, -1].argmax(dim=-1)
-        state = _StepState(first, positions, mask, cache_len)
+        state = _StepState(first, positions, mask, cache_len, starts)
         out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
         out[:, 0] = first
         unfinished = ~torch.isin(first, eos)
         steps = _Steps(lambda n: _forward_step(model, cache, view, state, n), cuda_graphs)
         done = 1
-        while done < max_new_tokens:
-            if done % FINISHED_CHECK_STEPS == 0 and not bool(unfinished.any()):
-                break
-            steps(bucket_length(width + done - 1, bucket_tokens, cache_len))
-            fed = torch.where(unfinished, state.next_tokens, pad_id)
-            out[:, done] = fed
-            unfinished &= ~torch.isin(fed, eos)
-            state.advance(fed)
-            done += 1
-            if on_progress is not None:
-                on_progress(done, unfinished)
+        # The prefill above ran the model's own attention; the steps run the kernel's.
+        with attention_implementation(model, None if starts is None else decode_attention.register()):
+            while done < max_new_tokens:
+                if done % FINISHED_CHECK_STEPS == 0 and not bool(unfinished.any()):
+                    break
+                steps(bucket_length(width + done - 1, bucket_tokens, cache_len))
+                fed = torch.where(unfinished, state.next_tokens, pad_id)
+                out[:, done] = fed
+                unfinished &= ~torch.isin(fed, eos)
+                state.advance(fed)
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, unfinished)
         steps.graphs.clear()  # the graphs hold the cache's addresses and their memory pool
     return out[:, :done]

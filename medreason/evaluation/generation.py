@@ -192,7 +192,7 @@ def _generate_batch(model: Any, ids: Any, mask: Any, max_new_tokens: int, pad_id
 
 
 def _graph_batch(hf_model: Any, ids: Any, mask: Any, max_new_tokens: int, cache_len: int, pad_id: int,
-                 eos_ids: list[int], progress: _Progress) -> Any:
+                 eos_ids: list[int], progress: _Progress, attention: str) -> Any:
     """The decode loop of medreason/evaluation/decoding.py: the new token ids, ``[rows, steps]``."""
     from medreason.evaluation.decoding import greedy_static
 
@@ -203,7 +203,8 @@ def _graph_batch(hf_model: Any, ids: Any, mask: Any, max_new_tokens: int, cache_
             log.info("%s: %d new tokens per row so far, %d/%d rows finished, %.0f s so far", progress.desc,
                      steps, int((~unfinished).sum()), unfinished.shape[0], now - progress.started)
 
-    return greedy_static(hf_model, ids, mask, max_new_tokens, cache_len, pad_id, eos_ids, on_progress=report)
+    return greedy_static(hf_model, ids, mask, max_new_tokens, cache_len, pad_id, eos_ids, attention=attention,
+                         on_progress=report)
 
 
 def decode_path(compile_mode: str, static: bool, hf_model: Any) -> str:
@@ -233,6 +234,7 @@ def generate_texts(
     cache_bucket_tokens: int = 0,
     compile_mode: str = "graphs",
     progress_interval_s: float = PROGRESS_INTERVAL_S,
+    decode_attention: str = "triton",
 ) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding and the KV cache.
 
@@ -241,6 +243,7 @@ def generate_texts(
     300..320 tokens pads at most 20 tokens each instead of up to hundreds). With a static cache
     (CUDA) each batch gets the cache length ``plan_generation_batches`` gives it. Progress is
     logged after each batch and at least every ``progress_interval_s`` inside one.
+    ``decode_attention``: eval.decode_attention, for the ``graphs`` path.
     """
     from tqdm.auto import tqdm
 
@@ -275,7 +278,8 @@ def generate_texts(
         width = ids.shape[1]
         progress = _Progress(f"{desc}: batch {k}/{len(plan)}", width, eos_ids, progress_interval_s, started)
         if path == "graphs":
-            new = _graph_batch(hf_model, ids, mask, max_new_tokens, cache_len, pad_id, eos_ids, progress)
+            new = _graph_batch(hf_model, ids, mask, max_new_tokens, cache_len, pad_id, eos_ids, progress,
+                               decode_attention)
         else:
             new = _generate_batch(model, ids, mask, max_new_tokens, pad_id, eos_ids, progress, extra)
         for row, i in enumerate(batch[:n_questions]):

@@ -166,6 +166,7 @@ def _generate_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], t
         mut.model, mut.tokenizer, ids, ecfg.max_new_tokens, ecfg.batch_size,
         desc=f"generate ({mut.label})", max_batch_tokens=ecfg.max_batch_tokens,
         cache_bucket_tokens=ecfg.cache_bucket_tokens, compile_mode=ecfg.compile,
+        decode_attention=ecfg.decode_attention,
     )
     return [score(sets[n][i], t, mut.label, n, prompts[(n, i)]) for (n, i), t in zip(mine, texts, strict=True)]
 

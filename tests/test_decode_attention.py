@@ -1,0 +1,172 @@
+"""The decode attention kernel (medreason/evaluation/decode_attention.py) on CPU, through Triton's
+interpreter (TRITON_INTERPRET=1): the same kernel source a GPU compiles, run with numpy.
+
+Against PyTorch's SDPA with the equivalent mask (float32: agreement to float rounding; the kernel
+sums in another order), and through the decode loop against the sdpa path.
+
+Triton decides at import whether its own library functions are interpreted, so the kernel tests
+run in a fresh pytest process started with TRITON_INTERPRET=1 (the first test below); in this
+process they skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from medreason.evaluation import decode_attention as da  # noqa: E402
+from medreason.evaluation.decoding import greedy_static, kernel_rows  # noqa: E402
+from medreason.evaluation.generation import _left_padded  # noqa: E402
+
+PROMPTS = ["A 45-year-old man presents with crushing chest pain radiating to the left arm",
+           "Fever", "A child with a barking cough and stridor at night", "Jaundice and dark urine"]
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 process")
+KERNEL_TESTS = 5  # the tests marked ``interpreter`` (parametrized cases counted)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreted process")
+def test_kernel_tests_pass_under_the_triton_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel",
+                           __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert f"{KERNEL_TESTS} passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def _reference(q, k, v, starts, end: int, scale: float):  # noqa: ANN001, ANN202
+    import torch
+    import torch.nn.functional as F
+
+    groups = q.shape[1] // k.shape[1]
+    index = torch.arange(k.shape[2])
+    mask = (index[None, :] >= starts[:, None].long()) & (index[None, :] < end)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale).transpose(1, 2)
+
+
+@interpreter
+@pytest.mark.parametrize(("heads", "kv_heads", "block"), [(4, 4, 16), (4, 2, 8), (2, 1, 64)])
+def test_kernel_matches_sdpa_with_the_equivalent_mask(heads: int, kv_heads: int, block: int) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    rows, length, dim, end = 3, 40, 16, 33
+    # The query as transformers hands it: a transposed view, not contiguous.
+    q = torch.randn(rows, 1, heads, dim).transpose(1, 2)
+    k, v = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
+    starts = torch.tensor([0, 7, 32], dtype=torch.int32)  # the last row: a single position in range
+    got = da.decode_attention(q, k, v, starts, torch.tensor([end], dtype=torch.int32), 0.3, block_n=block)
+    assert got.shape == (rows, 1, heads, dim)
+    torch.testing.assert_close(got, _reference(q, k, v, starts, end, 0.3), atol=1e-5, rtol=1e-5)
+    # Positions outside [start, end) are never read: garbage there changes nothing.
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, end:] = float("nan")
+    v2[0, :, end:] = 1e30
+    v2[1, :, :7] = float("nan")
+    again = da.decode_attention(q, k2, v2, starts, torch.tensor([end], dtype=torch.int32), 0.3, block_n=block)
+    assert torch.equal(again, got)
+
+
+@interpreter
+def test_kernel_rejects_what_it_cannot_compute() -> None:
+    import torch
+
+    one = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="one query per row"):
+        da.decode_attention(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), one, one, 1.0)
+    with pytest.raises(ValueError, match="not a multiple"):
+        da.decode_attention(torch.zeros(1, 3, 1, 8), torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), one, one, 1.0)
+
+
+def test_row_starts_accepts_plain_left_padding_only() -> None:
+    import torch
+
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert da.row_starts(mask).tolist() == [2, 0, 3]
+    assert da.row_starts(torch.tensor([[1, 0, 1, 1]])) is None  # a hole: not one range
+
+
+def test_rows_fall_back_to_sdpa_off_a_gpu(monkeypatch, caplog) -> None:
+    import torch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with caplog.at_level("INFO", logger="medreason.evaluation.decoding"):
+        assert kernel_rows("triton", torch.device("cpu"), mask) is None
+    assert "decode attention: sdpa (no Triton kernel on cpu)" in caplog.text
+    assert kernel_rows("sdpa", torch.device("cpu"), mask) is None
+    with pytest.raises(ValueError, match="'triton' or 'sdpa'"):
+        kernel_rows("flash", torch.device("cpu"), mask)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernel_rows("triton", torch.device("cpu"), mask).tolist() == [1, 0]
+    with caplog.at_level("INFO", logger="medreason.evaluation.decoding"):
+        assert kernel_rows("triton", torch.device("cpu"), torch.tensor([[1, 0, 1]])) is None
+    assert "not plain left padding" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_phi_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medreason.tokenizer import prepare_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_phi_dir, dtype=torch.float32).eval()
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_phi_dir))
+    ids, mask = _left_padded([tok(t, add_special_tokens=False)["input_ids"] for t in PROMPTS],
+                             list(range(len(PROMPTS))), tok.pad_token_id)
+    return model, tok, ids, mask
+
+
+@interpreter
+def test_decode_loop_with_the_kernel_gives_the_sdpa_path_tokens(tiny) -> None:
+    import torch
+
+    model, tok, ids, mask = tiny
+    new, cache_len = 12, ids.shape[1] + 16
+    before = model.config._attn_implementation
+    plain = greedy_static(model, ids, mask, new, cache_len, tok.pad_token_id, [], bucket_tokens=4, attention="sdpa")
+    kernel = greedy_static(model, ids, mask, new, cache_len, tok.pad_token_id, [], bucket_tokens=4,
+                           attention="triton")
+    assert torch.equal(kernel, plain)
+    assert model.config._attn_implementation == before  # the prefill and later calls: the model's own
+    # Rows finishing early (an EOS row 1 emits at its 3rd token): pads after it, the others run on.
+    eos = [int(plain[1, 2])]
+    got = greedy_static(model, ids, mask, new, cache_len, tok.pad_token_id, eos, bucket_tokens=4, attention="triton")
+    ref = greedy_static(model, ids, mask, new, cache_len, tok.pad_token_id, eos, bucket_tokens=4, attention="sdpa")
+    assert torch.equal(got, ref)
+    assert bool((got[1, 3:] == tok.pad_token_id).all())
+
+
+def test_decode_attention_is_a_config_field_hashed_as_absent_at_its_default() -> None:
+    from pydantic import ValidationError
+
+    from medreason.config import build_config
+
+    default = build_config(preset="demo")
+    assert default.eval.decode_attention == "triton"
+    plain = build_config(preset="demo", overrides=["eval.decode_attention=sdpa"])
+    assert plain.eval.decode_attention == "sdpa"
+    # A config recorded before the field existed hashes like today's default (same tokens up to
+    # float rounding), so stages evaluated before keep their hashes; sdpa is a change.
+    import hashlib
+    import json
+
+    from medreason.config import hashed_sections
+
+    recorded = default.model_dump(mode="json")
+    del recorded["eval"]["decode_attention"]
+    blob = json.dumps(hashed_sections(recorded, ("eval",)), sort_keys=True, separators=(",", ":")).encode()
+    assert hashlib.sha256(blob).hexdigest() == default.section_hash("eval")
+    assert default.section_hash("eval") != plain.section_hash("eval")
+    with pytest.raises((ValidationError, ValueError)):
+        build_config(preset="demo", overrides=["eval.decode_attention=flash"])
