@@ -213,6 +213,9 @@ def greedy_static(
     if width + max_new_tokens > cache_len:
         raise ValueError(f"cache of {cache_len} positions < prompt width {width} + {max_new_tokens} new tokens")
     starts = kernel_rows(attention, device, mask)
+    if starts is not None:
+        # The kernel reads each row's range whatever the view's length: one view, one graph.
+        bucket_tokens = cache_len
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     view = PrefixCacheView(cache, cache_len)
     try:
