@@ -360,7 +360,7 @@ def varlen_attention_in_graph() -> bool:
     """Whether the registered packed-rows attention is the traceable form."""
     from transformers import AttentionInterface
 
-    return AttentionInterface._global_mapping.get(VARLEN_ATTENTION) is varlen_attention_forward
+    return AttentionInterface().get(VARLEN_ATTENTION) is varlen_attention_forward
 
 
 def _mark_records_dynamic(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -369,6 +369,8 @@ def _mark_records_dynamic(module: Any, args: tuple[Any, ...], kwargs: dict[str, 
     (dynamo would otherwise compile once for the first length, then again with a dynamic one)."""
     import torch
 
+    if torch.compiler.is_compiling():  # a whole-model compile traces this hook: nothing to mark then
+        return
     for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
         cu = kwargs.get(key)
         if isinstance(cu, torch.Tensor):
