@@ -166,3 +166,20 @@ def test_attention_in_graph_defaults_on_and_hashes_as_absent() -> None:
     off = build_config(overrides=["train.attention_in_graph=false"], env={})
     assert off.stage_hash("train") != default.stage_hash("train")
     assert config_changes(before, off, "train") == ["train.attention_in_graph: (unset) -> false"]
+
+
+def test_training_paths_line_says_where_the_attention_runs() -> None:
+    """With compiled layers the start line says whether the attention is in their graphs."""
+    from medreason.train_setup import TrainModel, attention_path
+
+    layout = Layout("packed", 64, 2, 8)
+
+    def path(compile_mode: str) -> str:
+        tm = TrainModel(None, None, None, None, modeling.VARLEN_ATTENTION, torch.float32, 0, 0, False, compile_mode)
+        return attention_path(tm, layout, "cpu")
+
+    modeling.register_varlen_attention(in_graph=False)
+    assert path("regional (2 decoder layers)").endswith(", a graph break, train.attention_in_graph=false")
+    modeling.register_varlen_attention(in_graph=True)
+    assert path("regional (2 decoder layers)").endswith(", inside the compiled graphs")
+    assert path("off") == "varlen reference (causal sdpa one record at a time)"
