@@ -112,6 +112,13 @@ class TrainConfig(_Section):
     )
     pack_len_tokens: int = Field(2048, ge=16)
     compile: bool = Field(False, description="torch.compile the model (CUDA only).")
+    attention_in_graph: bool = Field(
+        True,
+        description="With compile and packed rows on the varlen attention: trace the attention into each "
+        "compiled decoder layer (a custom op node; the copies to and from its [tokens, heads, dim] layout "
+        "fuse with their neighbours). false: keep it out of the graphs with torch.compiler.disable, a "
+        "graph break in every layer (slower, same results).",
+    )
     tf32: bool = Field(
         True,
         description="Let float32 matrix products use TF32 tensor cores (CUDA). With "
@@ -290,6 +297,7 @@ HASHED_AS_ABSENT_AT: dict[tuple[str, str], object] = {
     ("eval", "loglik_shared_context"): True,  # same numbers up to float rounding
     ("eval", "decode_attention"): "triton",  # same tokens up to float rounding
     ("train", "lora_compute_dtype"): "float32",  # PEFT's float32 adapter products, as before
+    ("train", "attention_in_graph"): True,  # the same kernels: numbers up to float rounding
 }
 _UNSET = object()
 

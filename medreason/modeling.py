@@ -213,19 +213,79 @@ def _segment_attention(q: Any, k: Any, v: Any, cu: Any, scaling: float) -> Any:
     return out
 
 
-_KERNEL: list[Any] = []
+def _segment_attention_backward(grad: Any, q: Any, k: Any, v: Any, cu: Any, scaling: float) -> tuple[Any, Any, Any]:
+    """Gradients of _segment_attention for q/k/v, written out per record.
+
+    Autograd cannot record inside a custom op's implementation (it runs below the autograd
+    dispatch key), so the backward of PACKED_ATTENTION_OP is the attention backward by hand:
+    P = softmax(q k^T * s + causal), dV = P^T dO, dS = P * (dO v^T - rowsum(dO * O)),
+    dQ = dS k * s, dK = dS^T q * s; computed in float32 at least (sdpa's backward also
+    accumulates half-precision inputs in float32), returned in the inputs' dtypes."""
+    import torch
+
+    work = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end <= start:
+            continue
+        qs, ks, vs, gs = (t[start:end].transpose(0, 1).to(work) for t in (q, k, v, grad))  # [H, n, D]
+        n = end - start
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        probs = torch.softmax((qs @ ks.transpose(1, 2) * scaling).masked_fill(~causal, float("-inf")), dim=-1)
+        dprobs = gs @ vs.transpose(1, 2)
+        dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))
+        dq[start:end] = (dscores @ ks * scaling).transpose(0, 1).to(q.dtype)
+        dk[start:end] = (dscores.transpose(1, 2) @ qs * scaling).transpose(0, 1).to(k.dtype)
+        dv[start:end] = (probs.transpose(1, 2) @ gs).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
 
 
-def varlen_attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                             scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
-    """Causal attention inside each record of packed rows, no attention across records.
+# The reference as a torch.library custom op: torch.compile keeps it as one opaque node of the
+# layer graph (its fake implementation gives the output's shape without reading cu_seq_lens, so
+# a changing number of records needs no recompilation), instead of a graph break around it.
+PACKED_ATTENTION_OP = "medreason::packed_causal_attention"
+_KERNEL: list[Any] = []  # [the varlen kernel or None], filled once by _prepare_attention()
 
-    transformers calls it with query/key/value as [B, H, L, D] and expects [B, L, H, D] back.
-    On CUDA it runs FlashAttention-2's varlen kernel, which only visits the (record x record)
-    causal blocks: for 2,048-token rows holding ~4 records of ~550 tokens that is
-    sum(len_i^2)/2 ~= 0.6M of the 2.1M query-key pairs a plain causal row computes, and no
-    [B, 1, L, L] mask is ever built (a dense mask also rules out the flash kernel in sdpa).
-    """
+
+def _prepare_attention() -> None:
+    """Resolve the varlen kernel and define the reference custom ops (once per process)."""
+    import torch
+
+    if _KERNEL:
+        return
+    forward = torch.library.custom_op(
+        PACKED_ATTENTION_OP, mutates_args=(),
+        schema="(Tensor q, Tensor k, Tensor v, Tensor cu, float scale) -> Tensor")(_segment_attention)
+    backward = torch.library.custom_op(
+        PACKED_ATTENTION_OP + "_backward", mutates_args=(),
+        schema="(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor cu, float scale) -> (Tensor, Tensor, Tensor)",
+    )(_segment_attention_backward)
+
+    @forward.register_fake
+    def _(q: Any, k: Any, v: Any, cu: Any, scale: float) -> Any:
+        return torch.empty_like(q)
+
+    @backward.register_fake
+    def _(grad: Any, q: Any, k: Any, v: Any, cu: Any, scale: float) -> tuple[Any, Any, Any]:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        q, k, v, cu, scale = inputs
+        ctx.save_for_backward(q, k, v, cu)
+        ctx.scale = scale
+
+    def grads(ctx: Any, grad: Any) -> tuple[Any, ...]:
+        q, k, v, cu = ctx.saved_tensors
+        return (*backward(grad.contiguous(), q, k, v, cu, ctx.scale), None, None)
+
+    forward.register_autograd(grads, setup_context=setup_context)
+    _KERNEL.append(_varlen_kernel())
+
+
+def _packed_attention(query: Any, key: Any, value: Any, scaling: float | None, dropout: float,
+                      kwargs: dict[str, Any], reference: Any) -> tuple[Any, None]:
+    """Shared body of the two registered forms; ``reference`` runs when the kernel cannot."""
     import torch
 
     cu = kwargs.get("cu_seq_lens_q")
@@ -240,53 +300,115 @@ def varlen_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
     k = key.transpose(1, 2).reshape(bsz * length, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(bsz * length, value.shape[1], dim)
     if not _KERNEL:
-        _KERNEL.append(_varlen_kernel())
+        _prepare_attention()
     kernel = _KERNEL[0]
     if (query.is_cuda and kernel is not None and query.dtype in (torch.bfloat16, torch.float16)
             and abs(scale - dim ** -0.5) < 1e-6 * scale):
-        max_len = int(kwargs.get("max_length_q") or length)
-        out = kernel(q, k, v, cu, max_len)
+        # The row length bounds every record and is a shape of the batch, not a per-batch
+        # value: the kernel sizes its grid with it and a compiled graph never specializes on
+        # the longest record of a batch.
+        out = kernel(q, k, v, cu, length)
     else:
-        out = _segment_attention(q, k, v, cu, scale)
+        out = reference(q, k, v, cu, scale)
     return out.view(bsz, length, heads, dim), None
 
 
-def register_varlen_attention() -> str:
-    """Register the packed-rows attention with transformers (idempotent); returns its name."""
+def varlen_attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                             scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+    """Causal attention inside each record of packed rows, no attention across records.
+
+    transformers calls it with query/key/value as [B, H, L, D] and expects [B, L, H, D] back.
+    On CUDA it runs FlashAttention-2's varlen kernel, which only visits the (record x record)
+    causal blocks: for 2,048-token rows holding ~4 records of ~550 tokens that is
+    sum(len_i^2)/2 ~= 0.6M of the 2.1M query-key pairs a plain causal row computes, and no
+    [B, 1, L, L] mask is ever built (a dense mask also rules out the flash kernel in sdpa).
+
+    Traceable by torch.compile: the kernel is torch's own custom op (with a fake and an
+    autograd formula) and the reference is PACKED_ATTENTION_OP, so a compiled decoder layer
+    holds the attention, and the [B, H, L, D] <-> [T, H, D] copies around it are fused into
+    the neighbouring kernels instead of running as separate copies at a graph break.
+    """
+    import torch
+
+    return _packed_attention(query, key, value, scaling, dropout, kwargs, torch.ops.medreason.packed_causal_attention)
+
+
+def graph_break_attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                                  scaling: float | None = None, dropout: float = 0.0,
+                                  **kwargs: Any) -> tuple[Any, None]:
+    """varlen_attention_forward with the reference called directly (autograd through sdpa);
+    registered under torch.compiler.disable when train.attention_in_graph is false."""
+    return _packed_attention(query, key, value, scaling, dropout, kwargs, _segment_attention)
+
+
+def register_varlen_attention(in_graph: bool = True) -> str:
+    """Register the packed-rows attention with transformers; returns its name.
+
+    ``in_graph``: traceable by torch.compile (see varlen_attention_forward). Otherwise wrapped
+    in torch.compiler.disable, a graph break in every compiled layer (the form before
+    train.attention_in_graph existed). The registry is per process: the last call wins."""
     import torch
     from transformers import AttentionInterface
 
-    # Kept out of torch.compile graphs: the number of records per batch (the length of
-    # cu_seq_lens_q) changes every step and would otherwise trigger recompilations.
-    AttentionInterface.register(VARLEN_ATTENTION, torch.compiler.disable(varlen_attention_forward))
+    _prepare_attention()
+    function = varlen_attention_forward if in_graph else torch.compiler.disable(graph_break_attention_forward)
+    AttentionInterface.register(VARLEN_ATTENTION, function)
     return VARLEN_ATTENTION
 
 
-def use_varlen_attention(model: Any) -> bool:
-    """Switch a loaded model to the packed-rows attention. False when the model cannot."""
-    register_varlen_attention()
+def varlen_attention_in_graph() -> bool:
+    """Whether the registered packed-rows attention is the traceable form."""
+    from transformers import AttentionInterface
+
+    return AttentionInterface().get(VARLEN_ATTENTION) is varlen_attention_forward
+
+
+def _mark_records_dynamic(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: the length of cu_seq_lens (records per batch + 1) is a dynamic size for
+    torch.compile from the first batch on, so a compiled layer is not recompiled when it changes
+    (dynamo would otherwise compile once for the first length, then again with a dynamic one)."""
+    import torch
+
+    if torch.compiler.is_compiling():  # a whole-model compile traces this hook: nothing to mark then
+        return
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        cu = kwargs.get(key)
+        if isinstance(cu, torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(cu, 0)
+
+
+def use_varlen_attention(model: Any, in_graph: bool = True) -> bool:
+    """Switch a loaded model to the packed-rows attention. False when the model cannot.
+
+    ``in_graph``: see register_varlen_attention."""
+    register_varlen_attention(in_graph)
     try:
         model.set_attn_implementation(VARLEN_ATTENTION)
     except (ValueError, AttributeError, NotImplementedError) as exc:
         log.info("packed-rows attention not available for %s (%s); keeping %s", type(model).__name__,
                  exc, getattr(model.config, "_attn_implementation", None))
         return False
+    if not getattr(model, "_medreason_records_hook", False):
+        model.register_forward_pre_hook(_mark_records_dynamic, with_kwargs=True)
+        model._medreason_records_hook = True
     return getattr(model.config, "_attn_implementation", None) == VARLEN_ATTENTION
 
 
-def compile_decoder_layers(model: Any) -> int:
+def compile_decoder_layers(model: Any, backend: Any = "inductor") -> int:
     """torch.compile each decoder layer (regional compilation); returns how many.
 
     All 32 Phi-2 layers share one code object, so this compiles once (far less than the whole
     model; bench/RESULTS.md) and still fuses what matters: LayerNorm, gelu_new's ~8
     elementwise ops on the [tokens, 10240] activation (168 MB per 8k-token batch in bf16,
     ~2.7 GB of memory traffic per layer eager), bias adds, dropout and the residuals.
-    The attention call is a graph break (see varlen_attention_forward)."""
+    The packed-rows attention is inside each layer's graph unless it was registered with
+    in_graph=False (train.attention_in_graph), which makes it a graph break. ``backend``: the
+    torch.compile backend (tests on a CPU without a C++ toolchain use "aot_eager")."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
-            module.compile()
+            module.compile(backend=backend)
             count += 1
     return count

@@ -201,7 +201,10 @@ def _load_peft_model(cfg: Config, store: ArtifactStore, acc: Any, layout: Layout
     torch.manual_seed(tc.seed)
     base = modeling.load_base_model(model_dir, mc, dtype, acc.local_process_index, tc.gradient_checkpointing)
     if fast and layout.mode == "packed" and not is_fsdp(acc) and mc.attn_implementation in (None, "sdpa"):
-        modeling.use_varlen_attention(base)
+        # In the compiled layer graphs only when they are compiled (CUDA): otherwise the
+        # graph-break form is the same eager code as before train.attention_in_graph existed.
+        in_graph = tc.compile and tc.attention_in_graph and acc.device.type == "cuda"
+        modeling.use_varlen_attention(base, in_graph=in_graph)
     attn_impl = getattr(base.config, "_attn_implementation", None) or "eager"
     targets = modeling.resolve_target_modules(base, cfg.lora.target_modules)
     model = modeling.apply_lora(base, cfg.lora, targets)
@@ -304,8 +307,14 @@ def attention_path(tm: TrainModel, layout: Layout, device_type: str) -> str:
         return f"{tm.attn_impl} with a padding mask ({layout.mode} rows)"
     if tm.attn_impl == modeling.VARLEN_ATTENTION:
         if device_type == "cuda" and modeling._varlen_kernel() is not None:
-            return "varlen (FlashAttention-2 varlen kernel over packed records)"
-        return "varlen reference (causal sdpa one record at a time)"
+            path = "varlen (FlashAttention-2 varlen kernel over packed records)"
+        else:
+            path = "varlen reference (causal sdpa one record at a time)"
+        if tm.compile_mode.startswith(("regional", "whole")):
+            where = ("inside the compiled graphs" if modeling.varlen_attention_in_graph()
+                     else "a graph break, train.attention_in_graph=false")
+            path = f"{path}, {where}"
+        return path
     if tm.attn_impl == "flash_attention_2":
         return "flash_attention_2 (record boundaries from position_ids)"
     return f"{tm.attn_impl} with a block-causal mask over packed rows"
