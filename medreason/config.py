@@ -207,6 +207,12 @@ class EvalConfig(_Section):
         "per option, lm-eval's own layout: the same numbers up to float rounding, with the context "
         "run once per option.",
     )
+    fused_activation: bool = Field(
+        True,
+        description="Run a gelu_new MLP activation (Phi-2's) as the one-kernel tanh GELU while "
+        "evaluating: the same formula, float rounding apart, and ~7 fewer elementwise kernels per "
+        "layer when eager. Evaluate only: training compiles its layers (fused already).",
+    )
 
 
 class MergeConfig(_Section):
@@ -282,6 +288,7 @@ class Config(_Section):
 # did before the field existed, or one that gives their numbers up to float rounding.
 HASHED_AS_ABSENT_AT: dict[tuple[str, str], object] = {
     ("eval", "loglik_shared_context"): True,  # same numbers up to float rounding
+    ("eval", "fused_activation"): True,  # same formula as gelu_new, float rounding apart
     ("train", "lora_compute_dtype"): "float32",  # PEFT's float32 adapter products, as before
 }
 _UNSET = object()

@@ -25,7 +25,7 @@ from medreason.errors import InputError
 from medreason.evaluation.generation import build_prompt, encode_prompt, generate_texts
 from medreason.evaluation.loss import finish_loss, heldout_loss
 from medreason.evaluation.scoring import headline, score, summarize
-from medreason.loading import InferenceModel, load_for_inference, require_stage
+from medreason.loading import InferenceModel, fuse_activations, load_for_inference, require_stage
 
 log = logging.getLogger(__name__)
 
@@ -171,28 +171,63 @@ def _generate_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], t
 
 
 def _loglik_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], ecfg: Any,
-                 mine: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    """Prediction rows of this process's questions, picked by option log-likelihood."""
+                 mine: list[tuple[str, int]], encodings: list[Any]) -> list[dict[str, Any]]:
+    """Prediction rows of this process's questions, picked by option log-likelihood; with the
+    requests' encoding started while the model loaded when one of ``encodings`` matches."""
     from medreason.loglik import loglik_rows
 
+    encoding = next((e for e in encodings if e.tokenizer is mut.tokenizer), None)
     return loglik_rows(mut.model, mut.tokenizer, [(n, sets[n][i]) for n, i in mine], mut.label,
                        choices=ecfg.choices, batch_size=ecfg.batch_size,
-                       shared_context=ecfg.loglik_shared_context, max_batch_tokens=ecfg.max_batch_tokens)
+                       shared_context=ecfg.loglik_shared_context, max_batch_tokens=ecfg.max_batch_tokens,
+                       encoding=encoding)
+
+
+def _items(sets: dict[str, list[dict[str, Any]]]) -> list[tuple[str, int]]:
+    return [(name, i) for name, records in sets.items() for i in range(len(records))]
+
+
+def _encode_ahead(sets: dict[str, list[dict[str, Any]]], ecfg: Any, dist: Dist,
+                  encodings: list[Any]) -> Any:
+    """The tokenizer hook of likelihood scoring: it starts encoding this process's requests in
+    a background thread (``PendingEncoding``), appended to ``encodings``, as soon as a
+    tokenizer is loaded, so the encoding runs while the model loads."""
+    from medreason.loglik import PendingEncoding, choice_requests, loglik_questions
+
+    def hook(tokenizer: Any) -> None:
+        with dist.shard(_items(sets)) as mine:
+            items = [(n, sets[n][i]) for n, i in mine]
+        encodings.append(PendingEncoding(tokenizer, choice_requests(loglik_questions(items, ecfg.choices))))
+
+    return hook
 
 
 def _score_model(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], template: str, ecfg: Any,
-                 dist: Dist) -> list[dict[str, Any]]:
+                 dist: Dist, encodings: list[Any]) -> list[dict[str, Any]]:
     """Prediction rows of one model over every set, gathered from all processes, in set order."""
-    items = [(name, i) for name, records in sets.items() for i in range(len(records))]
+    items = _items(sets)
     with dist.shard(items) as mine:
         if ecfg.scoring == "loglikelihood":
-            local = _loglik_rows(mut, sets, ecfg, mine)
+            local = _loglik_rows(mut, sets, ecfg, mine, encodings)
         else:
             local = _generate_rows(mut, sets, template, ecfg, mine)
     gathered = dist.gather(local)
     order = {(n, sets[n][i]["uid"]): k for k, (n, i) in enumerate(items)}
     gathered.sort(key=lambda r: order.get((r["set"], r["id"]), 0))
     return gathered
+
+
+def _process_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included): Linux's
+    start time of the process (/proc/self/stat field 22, clock ticks since boot) against the
+    boot-time clock; NaN where there is no /proc."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 counts from the pid; 2 fields precede the split
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return float("nan")
 
 
 def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | None = None,
@@ -211,14 +246,23 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
     bad_rows: dict[str, dict[str, Any]] = {}
     sets = scored_sets(prep_dir, ecfg, bad_rows)
     loading = time.monotonic()
-    models = load_for_inference(store, run_id, which, cfg, dist.device, compare_base=ecfg.compare_base)
-    log.info("%s loaded in %.1f s", " and ".join(m.label for m in models), time.monotonic() - loading)
+    log.info("start-up: prepare output and %d question(s) read in %.1f s (%.1f s since the process started)",
+             sum(len(r) for r in sets.values()), loading - started, _process_seconds())
+    encodings: list[Any] = []
+    hook = _encode_ahead(sets, ecfg, dist, encodings) if ecfg.scoring == "loglikelihood" else None
+    models = load_for_inference(store, run_id, which, cfg, dist.device, compare_base=ecfg.compare_base,
+                                on_tokenizer=hook)
+    if ecfg.fused_activation:
+        for model in {id(m.model): m.model for m in models}.values():
+            fuse_activations(model)
+    log.info("start-up: %s loaded in %.1f s (%.1f s since the process started)", " and ".join(m.label for m in models),
+             time.monotonic() - loading, _process_seconds())
     split, loss_indices = _loss_split(prep_dir, ecfg, sets)
     predictions: list[dict[str, Any]] = []
     losses: dict[str, dict[str, float]] = {}
     for mut in models:
         with mut.context():
-            predictions.extend(_score_model(mut, sets, cfg.data.template, ecfg, dist))
+            predictions.extend(_score_model(mut, sets, cfg.data.template, ecfg, dist, encodings))
             if split is not None and loss_indices:
                 with dist.shard(loss_indices) as mine_idx:
                     part = heldout_loss(mut.model, split, max(1, min(ecfg.batch_size, 4)), list(mine_idx))
