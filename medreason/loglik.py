@@ -97,8 +97,12 @@ def _backend(tokenizer: Any) -> Any:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:  # an older transformers: keep its own call
         return None
-    if not isinstance(tokenizer, TokenizersBackend) or type(tokenizer)._encode_plus is not TokenizersBackend._encode_plus:
+    if not isinstance(tokenizer, TokenizersBackend):
         return None
+    # A subclass that changes any step of the call (its own pre-processing) keeps the call.
+    for step in ("__call__", "_call_one", "_encode_plus"):
+        if getattr(type(tokenizer), step, None) is not getattr(TokenizersBackend, step, None):
+            return None
     backend = tokenizer.backend_tokenizer
     if backend.truncation is not None or backend.padding is not None:
         return None
