@@ -77,12 +77,12 @@ def test_fused_greedy_generation_is_token_identical(tiny_phi_dir: Path) -> None:
     assert model.generate(**ids, **kwargs).tolist() == plain.tolist()
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_evaluate_loads_fused_only_when_switched_on(tmp_path: Path, tiny_phi_dir: Path, fused: bool,
+@pytest.mark.parametrize(("fused", "scoring"), [(True, "loglikelihood"), (False, "generate")])
+def test_evaluate_loads_fused_only_when_switched_on(tmp_path: Path, tiny_phi_dir: Path, fused: bool, scoring: str,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The evaluate stage swaps the activations of the model it loads, and leaves them alone
     with eval.fused_activation=false; its log shows the start-up phases and the encoding that
-    ran while the model loaded."""
+    ran while the model loaded (likelihood requests or generation prompts)."""
     import logging
 
     from _fixtures_eval import build_run
@@ -92,15 +92,18 @@ def test_evaluate_loads_fused_only_when_switched_on(tmp_path: Path, tiny_phi_dir
 
     store_dir = tmp_path / "store"
     store, _, overrides = build_run(store_dir, tiny_phi_dir, train=False)
-    cfg = build_config(overrides=overrides + ["eval.checkpoint=none", "eval.scoring=loglikelihood",
-                                         f"eval.fused_activation={str(fused).lower()}"])
+    cfg = build_config(overrides=overrides + ["eval.checkpoint=none", f"eval.scoring={scoring}",
+                                              "eval.max_new_tokens=8", f"eval.fused_activation={str(fused).lower()}"])
     with caplog.at_level(logging.INFO):
         out = evaluate_run(store, "r1", cfg, str(tmp_path / "out"), Dist())
-    assert out["metrics"]["sets"]
-    swapped = [r.getMessage() for r in caplog.records if "run as the fused tanh GELU" in r.getMessage()]
+    assert out["metrics"]["sets"]["heldout"]["base"]["n"] == 6
+    messages = [r.getMessage() for r in caplog.records]
+    swapped = [m for m in messages if "run as the fused tanh GELU" in m]
     assert swapped == (["2 gelu_new activation(s) run as the fused tanh GELU (eval.fused_activation)"] if fused else [])
-    assert any("encoded in" in r.getMessage() and "background" in r.getMessage() for r in caplog.records)
-    assert any(r.getMessage().startswith("start-up: ") for r in caplog.records)
+    ahead = ("likelihood requests: 24 encoded in" if scoring == "loglikelihood"
+             else "generation prompts: 6 encoded ahead")
+    assert any(m.startswith(ahead) for m in messages), messages
+    assert sum(m.startswith("start-up: ") for m in messages) == 2
 
 
 def test_the_default_leaves_config_hashes_unchanged() -> None:
