@@ -121,7 +121,8 @@ def _batch_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> li
     if backend is None:
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
     chunks = [texts[i:i + _CHUNK] for i in range(0, len(texts), _CHUNK)]
-    workers = min(len(chunks), os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(len(chunks), cores)
 
     def encode(chunk: list[str]) -> list[list[int]]:
         return [enc.ids for enc in backend.encode_batch_fast(chunk, add_special_tokens=add_special_tokens)]
