@@ -209,6 +209,24 @@ class InferenceModel:
         return self.toggle(self.adapter_on) if self.toggle else nullcontext()
 
 
+def _timed_import(package: str) -> None:
+    """Import a heavy package (and, for transformers, its model classes) and log how long it
+    took, so a job's start-up log tells imports from loading: transformers pulls in scikit-learn
+    when it is installed, peft pulls in bitsandbytes, seconds each."""
+    import importlib
+    import sys
+
+    if package in sys.modules and package != "transformers":
+        return
+    started = time.monotonic()
+    importlib.import_module(package)
+    if package == "transformers":
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (resolves the lazy modules)
+    took = time.monotonic() - started
+    if took >= 0.05:
+        log.info("%s imported in %.1f s", package, took)
+
+
 # Called with each tokenizer as soon as it is loaded, before its model: evaluate starts encoding
 # its requests there, so the encoding runs while the model loads.
 TokenizerHook = Callable[[Any], None]
@@ -259,6 +277,7 @@ def load_for_inference(store: Any, run_id: str, which: str, cfg: Any, device: An
     A missing adapter or stage fails (InputError) before any model is loaded. ``on_tokenizer``
     is called with each tokenizer loaded, before its model is.
     """
+    _timed_import("transformers")
     if which == "merged":
         out = [_load_merged(store, run_id, cfg, device, merge_hint, on_tokenizer)]
         if compare_base:
@@ -268,6 +287,7 @@ def load_for_inference(store: Any, run_id: str, which: str, cfg: Any, device: An
         return [_load_base(store, cfg, device, on_tokenizer)]
     adapter_dir, label, _ = resolve_adapter(store, run_id, which)
     base = _load_base(store, cfg, device, on_tokenizer)
+    _timed_import("peft")
     from peft import PeftModel
 
     started = time.monotonic()
