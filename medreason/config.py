@@ -220,6 +220,12 @@ class EvalConfig(_Section):
         "per option, lm-eval's own layout: the same numbers up to float rounding, with the context "
         "run once per option.",
     )
+    fused_activation: bool = Field(
+        True,
+        description="Run a gelu_new MLP activation (Phi-2's) as the one-kernel tanh GELU while "
+        "evaluating: the same formula, float rounding apart, and ~7 fewer elementwise kernels per "
+        "layer when eager. Evaluate only: training compiles its layers (fused already).",
+    )
 
 
 class MergeConfig(_Section):
@@ -296,6 +302,7 @@ class Config(_Section):
 HASHED_AS_ABSENT_AT: dict[tuple[str, str], object] = {
     ("eval", "loglik_shared_context"): True,  # same numbers up to float rounding
     ("eval", "decode_attention"): "triton",  # same tokens up to float rounding
+    ("eval", "fused_activation"): True,  # same formula as gelu_new, float rounding apart
     ("train", "lora_compute_dtype"): "float32",  # PEFT's float32 adapter products, as before
     ("train", "attention_in_graph"): True,  # the same kernels: numbers up to float rounding
 }

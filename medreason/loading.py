@@ -16,6 +16,7 @@ checkpointing) built on the same dtype and quantization helpers.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -74,15 +75,42 @@ def load_causal_lm(model_dir: str, model_cfg: Any, device: Any, quantized: bool 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    if quantized and model_cfg.quantization != "none" and device.type == "cuda":
-        kwargs["quantization_config"] = quantization_config(model_cfg, dtype)
-        # bitsandbytes quantizes while loading onto the GPU.
-        kwargs["device_map"] = {"": device.index or 0}
+    if device.type == "cuda":
+        # Straight onto the GPU: transformers reads the safetensors shards into device memory,
+        # with no full float copy in host memory first (and bitsandbytes quantizes while loading).
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        if quantized and model_cfg.quantization != "none":
+            kwargs["quantization_config"] = quantization_config(model_cfg, dtype)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device)
     model.eval()
     return model
+
+
+def fuse_activations(model: Any) -> int:
+    """Swap every ``gelu_new`` activation module (transformers' NewGELUActivation, Phi-2's MLP
+    activation) of a model loaded for inference for the one-kernel tanh GELU
+    (``ACT2FN["gelu_pytorch_tanh"]``: ``torch.nn.functional.gelu(x, approximate="tanh")``).
+    Returns how many modules were swapped.
+
+    Same formula, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); run eagerly, NewGELU is ~7
+    elementwise kernels over the [tokens, intermediate] activation (10240 wide for Phi-2), the
+    fused one reads and writes it once. The two differ by float rounding only (~1e-7 relative in
+    float32). For inference only: training compiles its layers, which fuses the GELU already,
+    and merge/export keep the model as it was loaded.
+    """
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
+                swapped += 1
+    if swapped:
+        log.info("%d gelu_new activation(s) run as the fused tanh GELU (eval.fused_activation)", swapped)
+    return swapped
 
 
 # -- a run's stage outputs ----------------------------------------------------------------------
@@ -181,44 +209,90 @@ class InferenceModel:
         return self.toggle(self.adapter_on) if self.toggle else nullcontext()
 
 
-def _load_base(store: Any, cfg: Any, device: Any) -> InferenceModel:
+def _timed_import(package: str) -> None:
+    """Import a heavy package (and, for transformers, its model classes) and log how long it
+    took, so a job's start-up log tells imports from loading: transformers pulls in scikit-learn
+    when it is installed, peft pulls in bitsandbytes, seconds each."""
+    import importlib
+    import sys
+
+    if package in sys.modules and package != "transformers":
+        return
+    started = time.monotonic()
+    importlib.import_module(package)
+    if package == "transformers":
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (resolves the lazy modules)
+    took = time.monotonic() - started
+    if took >= 0.05:
+        log.info("%s imported in %.1f s", package, took)
+
+
+# Called with each tokenizer as soon as it is loaded, before its model: evaluate starts encoding
+# its requests there, so the encoding runs while the model loads.
+TokenizerHook = Callable[[Any], None]
+
+
+def _tokenizer_then_model(model_dir: str, cfg: Any, device: Any, on_tokenizer: TokenizerHook | None,
+                          quantized: bool = True, tokenizer_cfg: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a folder, the tokenizer first; each load's time logged."""
+    started = time.monotonic()
+    tokenizer = load_tokenizer(model_dir, tokenizer_cfg, for_generation=True)
+    loaded = time.monotonic()
+    log.info("tokenizer of %s loaded in %.1f s", model_dir, loaded - started)
+    if on_tokenizer is not None:
+        on_tokenizer(tokenizer)
+    model = load_causal_lm(model_dir, cfg.model, device, quantized=quantized)
+    log.info("model of %s loaded in %.1f s", model_dir, time.monotonic() - loaded)
+    return model, tokenizer
+
+
+def _load_base(store: Any, cfg: Any, device: Any, on_tokenizer: TokenizerHook | None = None) -> InferenceModel:
     from medreason.staging import local_model_dir
 
+    started = time.monotonic()
     base_dir = local_model_dir(store, cfg.model)
-    return InferenceModel("base", load_causal_lm(base_dir, cfg.model, device),
-                          load_tokenizer(base_dir, cfg.model, for_generation=True), info={"source": "base"})
+    log.info("base model folder %s ready in %.1f s", base_dir, time.monotonic() - started)
+    model, tokenizer = _tokenizer_then_model(base_dir, cfg, device, on_tokenizer, tokenizer_cfg=cfg.model)
+    return InferenceModel("base", model, tokenizer, info={"source": "base"})
 
 
-def _load_merged(store: Any, run_id: str, cfg: Any, device: Any, hint: str) -> InferenceModel:
+def _load_merged(store: Any, run_id: str, cfg: Any, device: Any, hint: str,
+                 on_tokenizer: TokenizerHook | None = None) -> InferenceModel:
     manifest = require_stage(store, run_id, "merge", hint)
     merged_dir = store.materialize_subfolder(store.stage_rel(run_id, "merge"), manifest, "model")
     # The merged folder is plain float weights with the tokenizer saved next to them.
-    return InferenceModel("finetuned", load_causal_lm(merged_dir, cfg.model, device, quantized=False),
-                          load_tokenizer(merged_dir, for_generation=True), info={"source": "merged"})
+    model, tokenizer = _tokenizer_then_model(merged_dir, cfg, device, on_tokenizer, quantized=False)
+    return InferenceModel("finetuned", model, tokenizer, info={"source": "merged"})
 
 
 def load_for_inference(store: Any, run_id: str, which: str, cfg: Any, device: Any = None,
                        compare_base: bool = False,
-                       merge_hint: str = "run `medreason merge` first") -> list[InferenceModel]:
+                       merge_hint: str = "run `medreason merge` first",
+                       on_tokenizer: TokenizerHook | None = None) -> list[InferenceModel]:
     """The model(s) of a run to generate with: ``which`` = final | best | step-<N> (base + that
     adapter), merged (the merge stage's model) or none/base (the base alone).
 
     With ``compare_base`` the base comes first in the list, labelled "base": for an adapter the
     same weights with the adapter switched off (no second load); for merged a separate load.
-    A missing adapter or stage fails (InputError) before any model is loaded.
+    A missing adapter or stage fails (InputError) before any model is loaded. ``on_tokenizer``
+    is called with each tokenizer loaded, before its model is.
     """
+    _timed_import("transformers")
     if which == "merged":
-        out = [_load_merged(store, run_id, cfg, device, merge_hint)]
+        out = [_load_merged(store, run_id, cfg, device, merge_hint, on_tokenizer)]
         if compare_base:
-            out.insert(0, _load_base(store, cfg, device))
+            out.insert(0, _load_base(store, cfg, device, on_tokenizer))
         return out
     if which in ("none", "base"):
-        return [_load_base(store, cfg, device)]
+        return [_load_base(store, cfg, device, on_tokenizer)]
     adapter_dir, label, _ = resolve_adapter(store, run_id, which)
-    base = _load_base(store, cfg, device)
+    base = _load_base(store, cfg, device, on_tokenizer)
+    _timed_import("peft")
     from peft import PeftModel
 
+    started = time.monotonic()
     model = PeftModel.from_pretrained(base.model, adapter_dir, is_trainable=False).eval()
+    log.info("adapter %s loaded in %.1f s", label, time.monotonic() - started)
     toggle = adapter_toggle(model, fold=fold_adapter(base.model))
     out = [InferenceModel("finetuned", model, base.tokenizer, True, toggle, info={"source": f"adapter ({label})"})]
     if compare_base:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,17 +73,66 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 def _encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of every text with the tokenizer's own special-token default, except that a
-    text already starting with the BOS text gets none added; in two batched tokenizer calls (a
-    fast tokenizer spreads a batch over its threads)."""
+    text already starting with the BOS text gets none added (``_batch_ids`` does the calls)."""
     bos = getattr(tokenizer, "bos_token", None)
     out: list[list[int]] = [[] for _ in texts]
     for carries_bos in (True, False):
         idx = [i for i, t in enumerate(texts) if bool(bos and t.startswith(bos)) == carries_bos]
         if idx:
-            kwargs = {"add_special_tokens": False} if carries_bos else {}
-            for i, ids in zip(idx, tokenizer([texts[i] for i in idx], **kwargs)["input_ids"], strict=True):
-                out[i] = list(ids)
+            for i, ids in zip(idx, _batch_ids(tokenizer, [texts[i] for i in idx], not carries_bos), strict=True):
+                out[i] = ids
     return out
+
+
+# Texts per backend call when encoding in threads: small enough to spread over every core,
+# large enough that the per-call cost stays negligible.
+_CHUNK = 256
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer that ``tokenizer(texts)`` would call with exactly this state, or None
+    (a slow tokenizer, a class with its own encoding, or a backend holding truncation/padding
+    settings that transformers would reset first)."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # an older transformers: keep its own call
+        return None
+    if not isinstance(tokenizer, TokenizersBackend):
+        return None
+    # A subclass that changes any step of the call (its own pre-processing) keeps the call.
+    for step in ("__call__", "_call_one", "_encode_plus"):
+        if getattr(type(tokenizer), step, None) is not getattr(TokenizersBackend, step, None):
+            return None
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:
+        return None
+    if bool(backend.encode_special_tokens) != bool(tokenizer.split_special_tokens):
+        return None
+    return backend
+
+
+def _batch_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=...)["input_ids"]``, the same ids, faster: a fast
+    tokenizer's backend is called directly (no offsets or attention masks built) on chunks in a
+    thread pool. The backend releases the GIL while encoding, so the chunks run on every core
+    even with TOKENIZERS_PARALLELISM=false (which only stops the backend's own thread pool, the
+    one that is unsafe across fork), and encoding overlaps other Python work (model loading)."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+    chunks = [texts[i:i + _CHUNK] for i in range(0, len(texts), _CHUNK)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(len(chunks), cores)
+
+    def encode(chunk: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in backend.encode_batch_fast(chunk, add_special_tokens=add_special_tokens)]
+
+    if workers <= 1:
+        return [ids for chunk in chunks for ids in encode(chunk)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
+        return [ids for part in pool.map(encode, chunks) for ids in part]
 
 
 def loglikelihoods(
@@ -94,8 +144,12 @@ def loglikelihoods(
     max_length: int | None = None,
     shared_context: bool = True,
     max_batch_tokens: int | None = None,
+    pairs: Sequence[tuple[list[int], list[int]]] | None = None,
 ) -> list[tuple[float, bool]]:
     """(summed log-likelihood, is_greedy) of each ``(context, continuation)`` request.
+
+    ``pairs``: the requests' (context ids, continuation ids) as ``_encode_pairs`` gives them,
+    when they were encoded ahead (``PendingEncoding``); None encodes them here.
 
     ``shared_context`` (default): requests with identical context ids (the options of one
     question) share one packed row, so the context runs once (``medreason.loglik_shared``);
@@ -119,19 +173,22 @@ def loglikelihoods(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if pairs is not None and len(pairs) != len(requests):
+        raise ValueError(f"{len(pairs)} encoded pairs for {len(requests)} requests")
     if not shared_context:
-        return _plain_loglikelihoods(model, tokenizer, requests, batch_size, padding_side, max_length, pad_id)
+        return _plain_loglikelihoods(model, tokenizer, requests, batch_size, padding_side, max_length, pad_id, pairs)
     return _shared_loglikelihoods(model, tokenizer, requests, batch_size, padding_side, max_length, pad_id,
-                                  max_batch_tokens)
+                                  max_batch_tokens, pairs)
 
 
 def _shared_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int,
                            padding_side: Literal["right", "left"], max_length: int, pad_id: int,
-                           max_batch_tokens: int | None) -> list[tuple[float, bool]]:
+                           max_batch_tokens: int | None,
+                           pairs: Sequence[tuple[list[int], list[int]]] | None) -> list[tuple[float, bool]]:
     from medreason.loglik_shared import MASKABLE_ATTENTION, plan_rows, score_rows
 
     started = time.monotonic()
-    pairs = _encode_pairs(tokenizer, requests)
+    pairs = _encode_pairs(tokenizer, requests) if pairs is None else pairs
     encoded = time.monotonic()
     impl = getattr(model.config, "_attn_implementation", None)
     if impl in MASKABLE_ATTENTION:
@@ -142,10 +199,11 @@ def _shared_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[
     out = score_rows(model, rows, len(requests), pad_id, batch_size, max_batch_tokens)
     if plain:
         alone = _plain_loglikelihoods(model, tokenizer, [requests[i] for i in plain], batch_size,
-                                      padding_side, max_length, pad_id)
+                                      padding_side, max_length, pad_id, [pairs[i] for i in plain])
         for i, result in zip(plain, alone, strict=True):
             out[i] = result
-    log.info("likelihood scoring: %d requests (%d rows, %d tokens) in %.1f s, %.1f s of it encoding", len(requests),
+    log.info("likelihood scoring: %d requests (%d rows, %d tokens) in %.1f s, %.1f s of it encoding "
+             "(or waiting for the encoding started ahead)", len(requests),
              len(rows), sum(r.length for r in rows), time.monotonic() - started, encoded - started)
     done = [r for r in out if r is not None]
     if len(done) != len(requests):
@@ -154,12 +212,13 @@ def _shared_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[
 
 
 def _plain_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int,
-                          padding_side: str, max_length: int, pad_id: int) -> list[tuple[float, bool]]:
+                          padding_side: str, max_length: int, pad_id: int,
+                          pairs: Sequence[tuple[list[int], list[int]]] | None = None) -> list[tuple[float, bool]]:
     """One row per request: context + continuation each time (``shared_context=False``)."""
     import torch
 
     device = next(model.parameters()).device
-    encoded = _encode_requests(tokenizer, requests, max_length)
+    encoded = _model_inputs(_encode_pairs(tokenizer, requests) if pairs is None else pairs, max_length)
 
     out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -185,12 +244,12 @@ def _plain_loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[s
     return out
 
 
-def _encode_requests(tokenizer: Any, requests: Sequence[tuple[str, str]],
-                     max_length: int) -> list[tuple[list[int], list[int]]]:
+def _model_inputs(pairs: Sequence[tuple[list[int], list[int]]],
+                  max_length: int) -> list[tuple[list[int], list[int]]]:
     """(model input, continuation tokens) per request: the model reads every token but the last,
     and the last len(cont) logits predict cont; a long request keeps its last max_length + 1."""
     encoded = []
-    for ctx, cont in _encode_pairs(tokenizer, requests):
+    for ctx, cont in pairs:
         full = (ctx + cont)[-(max_length + 1):]
         encoded.append((full[:-1], cont[-len(full) + 1:] if len(cont) >= len(full) else cont))
     return encoded
@@ -265,6 +324,12 @@ def pick(logliks: Sequence[float], choices: Sequence[str]) -> tuple[int, int, in
             _argmax([ll / n for ll, n in zip(logliks, nbytes, strict=True)]))
 
 
+def choice_requests(questions: Sequence[tuple[str, Sequence[str]]],
+                    target_delimiter: str = TARGET_DELIMITER) -> list[tuple[str, str]]:
+    """The ``(context, delimiter + choice)`` request of every option of every question, in order."""
+    return [(ctx, f"{target_delimiter}{c}") for ctx, choices in questions for c in choices]
+
+
 def score_choices(
     model: Any,
     tokenizer: Any,
@@ -275,13 +340,16 @@ def score_choices(
     max_length: int | None = None,
     shared_context: bool = True,
     max_batch_tokens: int | None = None,
+    encoding: PendingEncoding | None = None,
 ) -> list[ChoiceScores]:
     """Score ``[(context, choices)]``: every option of every question in one batched pass
-    (``loglikelihoods`` says what ``shared_context`` and ``max_batch_tokens`` do)."""
-    requests = [(ctx, f"{target_delimiter}{c}") for ctx, choices in questions for c in choices]
+    (``loglikelihoods`` says what ``shared_context`` and ``max_batch_tokens`` do). ``encoding``:
+    the requests' encoding started ahead, used when it is of these requests with this tokenizer."""
+    requests = choice_requests(questions, target_delimiter)
+    pairs = encoding.pairs_for(tokenizer, requests) if encoding is not None else None
     results = loglikelihoods(model, tokenizer, requests, batch_size=batch_size,
                              padding_side=padding_side, max_length=max_length,
-                             shared_context=shared_context, max_batch_tokens=max_batch_tokens)
+                             shared_context=shared_context, max_batch_tokens=max_batch_tokens, pairs=pairs)
     out, k = [], 0
     for _ctx, choices in questions:
         part = results[k:k + len(choices)]
@@ -293,6 +361,48 @@ def score_choices(
     return out
 
 
+def loglik_questions(items: Sequence[tuple[str, dict[str, Any]]],
+                     choices: Literal["text", "letter"] = "text") -> list[tuple[str, list[str]]]:
+    """``[(lm-eval's medqa prompt, choices)]`` of ``[(set name, record)]`` (``loglik_rows``)."""
+    questions = []
+    for _set, rec in items:
+        options = rec["options_map"]
+        questions.append((medqa_prompt(rec["question"], options),
+                          list(options) if choices == "letter" else list(options.values())))
+    return questions
+
+
+class PendingEncoding:
+    """The encoding of likelihood requests, run in a background thread: the tokenizer is loaded
+    before the model, so the requests can be encoded while the model loads (seconds on a GPU
+    host, where loading takes longer still). The tokenizer backend releases the GIL, so loading
+    and encoding overlap for real."""
+
+    def __init__(self, tokenizer: Any, requests: Sequence[tuple[str, str]]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.tokenizer = tokenizer
+        self.requests = list(requests)
+        self._started = time.monotonic()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="loglik-encode")
+        self._future = self._pool.submit(self._run)
+        self._pool.shutdown(wait=False)  # the thread ends with its one task
+
+    def _run(self) -> list[tuple[list[int], list[int]]]:
+        pairs = _encode_pairs(self.tokenizer, self.requests)
+        log.info("likelihood requests: %d encoded in %.1f s (in the background)", len(pairs),
+                 time.monotonic() - self._started)
+        return pairs
+
+    def pairs_for(self, tokenizer: Any, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]] | None:
+        """The encoded pairs (waiting for them if need be) when they are of ``requests`` with
+        ``tokenizer``; else None. An encoding error (an option that encodes to no tokens) is
+        raised here, as it would be raised by encoding on the spot."""
+        if tokenizer is not self.tokenizer or list(requests) != self.requests:
+            return None
+        return self._future.result()
+
+
 def loglik_rows(
     model: Any,
     tokenizer: Any,
@@ -302,6 +412,7 @@ def loglik_rows(
     batch_size: int = 8,
     shared_context: bool = True,
     max_batch_tokens: int | None = None,
+    encoding: PendingEncoding | None = None,
 ) -> list[dict[str, Any]]:
     """Rows in the evaluate stage's predictions.jsonl format for ``[(set name, record)]``, the
     records with ``question``, ``options_map`` and ``answer_letter``; every option of every
@@ -312,14 +423,12 @@ def loglik_rows(
     ``extracted`` is the ``acc`` pick and ``extracted_norm`` the ``acc_norm`` pick (divided by
     the continuation's length in characters). A likelihood pick always names an option, so
     there are no parse failures; ``logliks`` keeps each option's score for later analysis.
+    ``encoding``: ``PendingEncoding(tokenizer, choice_requests(loglik_questions(items, choices)))``
+    started ahead, or None.
     """
-    questions = []
-    for _set, rec in items:
-        options = rec["options_map"]
-        questions.append((medqa_prompt(rec["question"], options),
-                          list(options) if choices == "letter" else list(options.values())))
+    questions = loglik_questions(items, choices)
     scores = score_choices(model, tokenizer, questions, batch_size=batch_size, shared_context=shared_context,
-                           max_batch_tokens=max_batch_tokens)
+                           max_batch_tokens=max_batch_tokens, encoding=encoding)
     rows = []
     for (set_name, rec), (prompt, _), sc in zip(items, questions, scores, strict=True):
         letters = list(rec["options_map"])

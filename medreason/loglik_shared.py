@@ -115,23 +115,23 @@ def layout(batch: Sequence[PackedRow], pad_id: int) -> _Layout:
     # so, and pads a copy of the mask otherwise.
     width = -(-max(r.length for r in batch) // 16) * 16
     keep = max(r.length - len(r.ctx) for r in batch) + 1
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(batch), width), dtype=torch.long)
-    groups = torch.full((len(batch), width), -1, dtype=torch.long)
-    out = _Layout(ids, positions, groups, keep, [], [], [], [], [])
+    # Each row is built as Python lists and the batch becomes one tensor per field: a few
+    # slice assignments per continuation cost more (~15 small torch calls per question).
+    ids: list[list[int]] = []
+    positions: list[list[int]] = []
+    groups: list[list[int]] = []
+    out = _Layout(None, None, None, keep, [], [], [], [], [])
     for r, row in enumerate(batch):
         c = len(row.ctx)
-        col = width - row.length
-        ids[r, col:col + c] = torch.tensor(row.ctx, dtype=torch.long)
-        positions[r, col:col + c] = torch.arange(c)
-        groups[r, col:col + c] = 0
-        col += c
+        pad = width - row.length
+        row_ids, row_pos, row_groups = [pad_id] * pad + row.ctx, [0] * pad + list(range(c)), [-1] * pad + [0] * c
+        col = pad + c
         last_ctx = col - 1 - (width - keep)  # the last context token's index among the kept
         for k, (i, cont) in enumerate(row.conts, start=1):
             fed = len(cont) - 1
-            ids[r, col:col + fed] = torch.tensor(cont[:-1], dtype=torch.long)
-            positions[r, col:col + fed] = torch.arange(c, c + fed)
-            groups[r, col:col + fed] = k
+            row_ids += cont[:-1]
+            row_pos += range(c, c + fed)
+            row_groups += [k] * fed
             first = col - (width - keep)
             out.cols += [last_ctx] + list(range(first, first + fed))
             out.rows += [r] * len(cont)
@@ -139,6 +139,12 @@ def layout(batch: Sequence[PackedRow], pad_id: int) -> _Layout:
             out.owner += [len(out.requests)] * len(cont)
             out.requests.append(i)
             col += fed
+        ids.append(row_ids)
+        positions.append(row_pos)
+        groups.append(row_groups)
+    out.ids = torch.tensor(ids, dtype=torch.long)
+    out.positions = torch.tensor(positions, dtype=torch.long)
+    out.groups = torch.tensor(groups, dtype=torch.long)
     return out
 
 
@@ -159,28 +165,46 @@ def shared_mask(groups: Any, attn_implementation: str | None, dtype: Any) -> Any
 
 def score_rows(model: Any, rows: Sequence[PackedRow], n_requests: int, pad_id: int, batch_size: int,
                max_batch_tokens: int | None) -> list[tuple[float, bool] | None]:
-    """(summed log-likelihood, is_greedy) of every request the rows hold; None for the others."""
+    """(summed log-likelihood, is_greedy) of every request the rows hold; None for the others.
+
+    No batch waits for the device: the host tensors go over from pinned memory without
+    blocking, and the per-request sums stay on the device until every batch is queued, so on a
+    GPU the host builds batch k+1 (layout, mask, kernel launches) while batch k runs.
+    """
     import torch
 
     device = next(model.parameters()).device
     impl = getattr(model.config, "_attn_implementation", None)
     dtype = getattr(model, "dtype", torch.float32)
     dtype = dtype if dtype.is_floating_point else torch.float32
+    pinned = device.type == "cuda"
+
+    def to_device(values: Any) -> Any:
+        host = values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.long)
+        return host.pin_memory().to(device, non_blocking=True) if pinned else host.to(device)
+
     out: list[tuple[float, bool] | None] = [None] * n_requests
+    pending: list[tuple[list[int], Any, Any]] = []
     for batch in batches(rows, batch_size, max_batch_tokens):
         lay = layout(batch, pad_id)
-        mask = shared_mask(lay.groups.to(device), impl, dtype)
+        mask = shared_mask(to_device(lay.groups), impl, dtype)
         with torch.inference_mode():
-            logits = model(input_ids=lay.ids.to(device), attention_mask=mask,
-                           position_ids=lay.positions.to(device), logits_to_keep=lay.keep).logits
-            picked = logits[torch.tensor(lay.rows, device=device), torch.tensor(lay.cols, device=device)]
+            logits = model(input_ids=to_device(lay.ids), attention_mask=mask,
+                           position_ids=to_device(lay.positions), logits_to_keep=lay.keep).logits
+            picked = logits[to_device(lay.rows), to_device(lay.cols)]
             logprobs = torch.log_softmax(picked.float(), dim=-1)
-            target = torch.tensor(lay.targets, dtype=torch.long, device=device)
-            owner = torch.tensor(lay.owner, dtype=torch.long, device=device)
+            target = to_device(lay.targets)
+            owner = to_device(lay.owner)
             sums = torch.zeros(len(lay.requests), dtype=torch.float32, device=device).index_add_(
                 0, owner, logprobs.gather(1, target[:, None])[:, 0])
             misses = torch.zeros(len(lay.requests), dtype=torch.long, device=device).index_add_(
                 0, owner, (logprobs.argmax(dim=-1) != target).long())
-        for i, ll, miss in zip(lay.requests, sums.tolist(), misses.tolist(), strict=True):
+        pending.append((lay.requests, sums, misses))
+    if pending:
+        # One transfer back for the whole run, and the only wait.
+        sums_all = torch.cat([p[1] for p in pending]).tolist()
+        misses_all = torch.cat([p[2] for p in pending]).tolist()
+        requests = [i for p in pending for i in p[0]]
+        for i, ll, miss in zip(requests, sums_all, misses_all, strict=True):
             out[i] = (float(ll), miss == 0)
     return out

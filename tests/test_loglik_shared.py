@@ -162,6 +162,8 @@ def test_switch_off_changes_only_the_evaluate_hash() -> None:
     for key in ("tracker_project", "tracker_run_name"):
         data["train"].pop(key)
     data["train"]["report_to"] = []
-    del data["eval"]["loglik_shared_context"]
+    for key in ("loglik_shared_context", "fused_activation", "decode_attention"):  # at their defaults
+        del data["eval"][key]
+    del data["train"]["attention_in_graph"]
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     assert base.stage_hash("evaluate") == hashlib.sha256(blob).hexdigest()

@@ -25,7 +25,7 @@ from medreason.errors import InputError
 from medreason.evaluation.generation import build_prompt, encode_prompt, generate_texts
 from medreason.evaluation.loss import finish_loss, heldout_loss
 from medreason.evaluation.scoring import headline, score, summarize
-from medreason.loading import InferenceModel, load_for_inference, require_stage
+from medreason.loading import InferenceModel, fuse_activations, load_for_inference, require_stage
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +157,44 @@ def _loss_split(prep_dir: str, ecfg: Any, sets: dict[str, list[dict[str, Any]]])
     return split, [i for i, uid in enumerate(split.uids) if scored is None or uid in scored]
 
 
+def _prompts_and_ids(tokenizer: Any, sets: dict[str, list[dict[str, Any]]], template: str,
+                     mine: list[tuple[str, int]]) -> tuple[dict[tuple[str, int], str], list[list[int]]]:
+    """The generation prompt of each of this process's questions, and its token ids."""
+    prompts = {(n, i): build_prompt(sets[n][i], template, tokenizer) for n, i in mine}
+    return prompts, [encode_prompt(tokenizer, prompts[k], template) for k in mine]
+
+
+@dataclass
+class _Ahead:
+    """Prompts encoded in a background thread while the model loads, with the tokenizer used."""
+
+    tokenizer: Any
+    mine: list[tuple[str, int]]  # the questions encoded
+    future: Any  # concurrent.futures.Future of _prompts_and_ids' result
+
+    @classmethod
+    def start(cls, tokenizer: Any, sets: dict[str, list[dict[str, Any]]], template: str,
+              mine: list[tuple[str, int]]) -> _Ahead:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="prompt-encode")
+        future = pool.submit(_prompts_and_ids, tokenizer, sets, template, mine)
+        pool.shutdown(wait=False)  # the thread ends with its one task
+        return cls(tokenizer, list(mine), future)
+
+
 def _generate_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], template: str, ecfg: Any,
-                   mine: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    """Prediction rows of this process's questions, answered by greedy generation."""
-    prompts = {(n, i): build_prompt(sets[n][i], template, mut.tokenizer) for n, i in mine}
-    ids = [encode_prompt(mut.tokenizer, prompts[k], template) for k in mine]
+                   mine: list[tuple[str, int]], ahead: list[Any]) -> list[dict[str, Any]]:
+    """Prediction rows of this process's questions, answered by greedy generation; the prompts
+    encoded while the model loaded when one of ``ahead`` used this tokenizer."""
+    started = next((a for a in ahead if isinstance(a, _Ahead) and a.tokenizer is mut.tokenizer and a.mine == mine),
+                   None)
+    if started is not None:
+        waiting = time.monotonic()
+        prompts, ids = started.future.result()
+        log.info("generation prompts: %d encoded ahead (waited %.1f s for them)", len(ids), time.monotonic() - waiting)
+    else:
+        prompts, ids = _prompts_and_ids(mut.tokenizer, sets, template, mine)
     texts = generate_texts(
         mut.model, mut.tokenizer, ids, ecfg.max_new_tokens, ecfg.batch_size,
         desc=f"generate ({mut.label})", max_batch_tokens=ecfg.max_batch_tokens,
@@ -172,28 +205,67 @@ def _generate_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], t
 
 
 def _loglik_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], ecfg: Any,
-                 mine: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    """Prediction rows of this process's questions, picked by option log-likelihood."""
-    from medreason.loglik import loglik_rows
+                 mine: list[tuple[str, int]], ahead: list[Any]) -> list[dict[str, Any]]:
+    """Prediction rows of this process's questions, picked by option log-likelihood; with the
+    requests' encoding started while the model loaded when one of ``ahead`` matches."""
+    from medreason.loglik import PendingEncoding, loglik_rows
 
+    encoding = next((e for e in ahead if isinstance(e, PendingEncoding) and e.tokenizer is mut.tokenizer), None)
     return loglik_rows(mut.model, mut.tokenizer, [(n, sets[n][i]) for n, i in mine], mut.label,
                        choices=ecfg.choices, batch_size=ecfg.batch_size,
-                       shared_context=ecfg.loglik_shared_context, max_batch_tokens=ecfg.max_batch_tokens)
+                       shared_context=ecfg.loglik_shared_context, max_batch_tokens=ecfg.max_batch_tokens,
+                       encoding=encoding)
+
+
+def _items(sets: dict[str, list[dict[str, Any]]]) -> list[tuple[str, int]]:
+    return [(name, i) for name, records in sets.items() for i in range(len(records))]
+
+
+def _encode_ahead(sets: dict[str, list[dict[str, Any]]], template: str, ecfg: Any, dist: Dist,
+                  ahead: list[Any]) -> Any:
+    """The tokenizer hook of the stage: as soon as a tokenizer is loaded, it starts encoding
+    this process's likelihood requests (``PendingEncoding``) or generation prompts (``_Ahead``)
+    in a background thread, appended to ``ahead``, so the encoding runs while the model loads."""
+    from medreason.loglik import PendingEncoding, choice_requests, loglik_questions
+
+    def hook(tokenizer: Any) -> None:
+        with dist.shard(_items(sets)) as mine:
+            mine = list(mine)
+        if ecfg.scoring == "loglikelihood":
+            items = [(n, sets[n][i]) for n, i in mine]
+            ahead.append(PendingEncoding(tokenizer, choice_requests(loglik_questions(items, ecfg.choices))))
+        else:
+            ahead.append(_Ahead.start(tokenizer, sets, template, mine))
+
+    return hook
 
 
 def _score_model(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], template: str, ecfg: Any,
-                 dist: Dist) -> list[dict[str, Any]]:
+                 dist: Dist, ahead: list[Any]) -> list[dict[str, Any]]:
     """Prediction rows of one model over every set, gathered from all processes, in set order."""
-    items = [(name, i) for name, records in sets.items() for i in range(len(records))]
+    items = _items(sets)
     with dist.shard(items) as mine:
         if ecfg.scoring == "loglikelihood":
-            local = _loglik_rows(mut, sets, ecfg, mine)
+            local = _loglik_rows(mut, sets, ecfg, mine, ahead)
         else:
-            local = _generate_rows(mut, sets, template, ecfg, mine)
+            local = _generate_rows(mut, sets, template, ecfg, mine, ahead)
     gathered = dist.gather(local)
     order = {(n, sets[n][i]["uid"]): k for k, (n, i) in enumerate(items)}
     gathered.sort(key=lambda r: order.get((r["set"], r["id"]), 0))
     return gathered
+
+
+def _process_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included): Linux's
+    start time of the process (/proc/self/stat field 22, clock ticks since boot) against the
+    boot-time clock; NaN where there is no /proc."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 counts from the pid; 2 fields precede the split
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return float("nan")
 
 
 def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | None = None,
@@ -212,14 +284,22 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
     bad_rows: dict[str, dict[str, Any]] = {}
     sets = scored_sets(prep_dir, ecfg, bad_rows)
     loading = time.monotonic()
-    models = load_for_inference(store, run_id, which, cfg, dist.device, compare_base=ecfg.compare_base)
-    log.info("%s loaded in %.1f s", " and ".join(m.label for m in models), time.monotonic() - loading)
+    log.info("start-up: prepare output and %d question(s) read in %.1f s (%.1f s since the process started)",
+             sum(len(r) for r in sets.values()), loading - started, _process_seconds())
+    ahead: list[Any] = []
+    models = load_for_inference(store, run_id, which, cfg, dist.device, compare_base=ecfg.compare_base,
+                                on_tokenizer=_encode_ahead(sets, cfg.data.template, ecfg, dist, ahead))
+    if ecfg.fused_activation:
+        for model in {id(m.model): m.model for m in models}.values():
+            fuse_activations(model)
+    log.info("start-up: %s loaded in %.1f s (%.1f s since the process started)", " and ".join(m.label for m in models),
+             time.monotonic() - loading, _process_seconds())
     split, loss_indices = _loss_split(prep_dir, ecfg, sets)
     predictions: list[dict[str, Any]] = []
     losses: dict[str, dict[str, float]] = {}
     for mut in models:
         with mut.context():
-            predictions.extend(_score_model(mut, sets, cfg.data.template, ecfg, dist))
+            predictions.extend(_score_model(mut, sets, cfg.data.template, ecfg, dist, ahead))
             if split is not None and loss_indices:
                 with dist.shard(loss_indices) as mine_idx:
                     part = heldout_loss(mut.model, split, max(1, min(ecfg.batch_size, 4)), list(mine_idx))
