@@ -6,8 +6,9 @@ cache, left-padded prompts of ~300-500 tokens, mid-way through 512 new tokens), 
     python3 bench/decode_attention.py --rows 192 --cache 1024
 
 Rows: SDPA with the boolean mask over the decode loop's prefix view (the ``sdpa`` path, under
-PyTorch's kernel choice and each kernel forced), then the Triton kernel for each block size and
-warp count. Each is timed over ``--iters`` calls with CUDA events after a warm-up; "GB/s" is the
+PyTorch's kernel choice and each kernel forced), then the Triton kernel for each block size, warp
+count and split count; the fastest one's launch parameters are printed and written to the json
+(bench/device_run.sh hands them to the evaluate runs that follow, as MEDREASON_DECODE_KERNEL). Each is timed over ``--iters`` calls with CUDA events after a warm-up; "GB/s" is the
 bytes of keys and values in each row's range (what any kernel must read) over the time. The
 output is checked against SDPA's (max |diff|).
 """
@@ -56,7 +57,7 @@ def main() -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from medreason.evaluation.decode_attention import decode_attention
+    from medreason.evaluation.decode_attention import LaunchParams, decode_attention
 
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -101,14 +102,23 @@ def main() -> int:
             with sdpa_kernel([getattr(SDPBackend, b)]):
                 return sdpa()
         record(f"sdpa {backend.split('_')[0].lower()}", forced)
-    for block in (32, 64, 128):
-        for warps in (2, 4, 8):
-            record(f"triton block {block} warps {warps}",
-                   lambda b=block, w=warps: decode_attention(q, k, v, starts, end, scale, block_n=b, num_warps=w),
-                   block=block, warps=warps)
+    for splits in (1, 4, 8, 16):
+        for block in (32, 64):
+            for warps in (1, 2, 4):
+                params = LaunchParams(block=block, warps=warps, splits=splits)
+                record(f"triton block {block} warps {warps} splits {splits}",
+                       lambda p=params: decode_attention(q, k, v, starts, end, scale, p),
+                       block=block, warps=warps, splits=splits)
+    kernels = [r for r in results if "splits" in r]
+    best = min(kernels, key=lambda r: r["ms"]) if kernels else None
+    if best:
+        print(f"fastest kernel: block={best['block']},warps={best['warps']},splits={best['splits']} "
+              f"({best['ms']:.3f} ms, {best['gb_s']:.0f} GB/s)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_attention.json"), "w") as f:
-        json.dump({"args": vars(args), "in_range_bytes": in_range, "results": results}, f, indent=1)
+        json.dump({"args": vars(args), "in_range_bytes": in_range, "results": results,
+                   "fastest_kernel": best and f"block={best['block']},warps={best['warps']},splits={best['splits']}"},
+                  f, indent=1)
     return 0
 
 

@@ -51,7 +51,14 @@ evaluate() { # usage: evaluate NAME LIMIT [--set k=v ...]: the job on the MedQA 
         --name "$name" --force "$@"
     cp "$STORE/runs/bench/evaluate/$name/MANIFEST.json" "$RES/$name-manifest.json" 2>/dev/null
 }
-TAIL_LINES=16 step decode-attn 120 python3 bench/decode_attention.py --out "$RES"
+TAIL_LINES=40 step decode-attn 150 python3 bench/decode_attention.py --out "$RES"
+# The evaluate runs below take the kernel launch parameters measured fastest, unless set.
+if [[ -z "${MEDREASON_DECODE_KERNEL:-}" && -f "$RES/decode_attention.json" ]]; then
+    MEDREASON_DECODE_KERNEL=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["fastest_kernel"] or "")' \
+        "$RES/decode_attention.json")
+    export MEDREASON_DECODE_KERNEL
+    echo "== MEDREASON_DECODE_KERNEL=$MEDREASON_DECODE_KERNEL"
+fi
 evaluate eval-medqa 180
 evaluate eval-medqa-sdpa 180 --set eval.decode_attention=sdpa
 evaluate eval-medqa-plain 200 --set eval.compile=none

@@ -54,17 +54,19 @@ def _reference(q, k, v, starts, end: int, scale: float):  # noqa: ANN001, ANN202
 
 
 @interpreter
-@pytest.mark.parametrize(("heads", "kv_heads", "block"), [(4, 4, 16), (4, 2, 8), (2, 1, 64)])
-def test_kernel_matches_sdpa_with_the_equivalent_mask(heads: int, kv_heads: int, block: int) -> None:
+@pytest.mark.parametrize(("heads", "kv_heads", "block", "splits"),
+                         [(4, 4, 16, 1), (4, 2, 8, 4), (2, 1, 64, 8)])  # 8 splits of 1 block: some empty
+def test_kernel_matches_sdpa_with_the_equivalent_mask(heads: int, kv_heads: int, block: int, splits: int) -> None:
     import torch
 
     torch.manual_seed(0)
     rows, length, dim, end = 3, 40, 16, 33
+    params = da.LaunchParams(block=block, warps=1, splits=splits)
     # The query as transformers hands it: a transposed view, not contiguous.
     q = torch.randn(rows, 1, heads, dim).transpose(1, 2)
     k, v = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
     starts = torch.tensor([0, 7, 32], dtype=torch.int32)  # the last row: a single position in range
-    got = da.decode_attention(q, k, v, starts, torch.tensor([end], dtype=torch.int32), 0.3, block_n=block)
+    got = da.decode_attention(q, k, v, starts, torch.tensor([end], dtype=torch.int32), 0.3, params)
     assert got.shape == (rows, 1, heads, dim)
     torch.testing.assert_close(got, _reference(q, k, v, starts, end, 0.3), atol=1e-5, rtol=1e-5)
     # Positions outside [start, end) are never read: garbage there changes nothing.
@@ -72,7 +74,7 @@ def test_kernel_matches_sdpa_with_the_equivalent_mask(heads: int, kv_heads: int,
     k2[:, :, end:] = float("nan")
     v2[0, :, end:] = 1e30
     v2[1, :, :7] = float("nan")
-    again = da.decode_attention(q, k2, v2, starts, torch.tensor([end], dtype=torch.int32), 0.3, block_n=block)
+    again = da.decode_attention(q, k2, v2, starts, torch.tensor([end], dtype=torch.int32), 0.3, params)
     assert torch.equal(again, got)
 
 
@@ -85,6 +87,19 @@ def test_kernel_rejects_what_it_cannot_compute() -> None:
         da.decode_attention(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), one, one, 1.0)
     with pytest.raises(ValueError, match="not a multiple"):
         da.decode_attention(torch.zeros(1, 3, 1, 8), torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), one, one, 1.0)
+
+
+def test_launch_params_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medreason.errors import InputError
+
+    monkeypatch.delenv(da.KERNEL_ENV, raising=False)
+    assert da.launch_params() == da.LaunchParams()
+    monkeypatch.setenv(da.KERNEL_ENV, "block=32, warps=4,splits=8")
+    assert da.launch_params() == da.LaunchParams(block=32, warps=4, splits=8)
+    for bad in ("block=48", "blocks=32", "splits=two", "8"):
+        monkeypatch.setenv(da.KERNEL_ENV, bad)
+        with pytest.raises(InputError, match=da.KERNEL_ENV):
+            da.launch_params()
 
 
 def test_row_starts_accepts_plain_left_padding_only() -> None:

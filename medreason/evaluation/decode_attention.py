@@ -2,11 +2,11 @@
 
 A decode step has one query per row against a left-padded static cache. PyTorch's SDPA needs a
 boolean mask for the padding and the unwritten positions, which rules out its flash kernel; the
-memory-efficient kernel it falls back to streams the cache at ~57% of the GPU's bandwidth
-(bench/RESULTS.md, "evaluate") and reads the masked positions too. This kernel runs one program
-per (row, head): an online softmax over the row's positions ``[start, end)`` in blocks of
-``BLOCK_N``, float32 accumulation. Loads outside that range are masked off, so left padding and
-positions beyond the last written one cost no memory traffic.
+kernels it can use (memory-efficient, cuDNN) read the masked positions too. Here each (row,
+head) is split over ``splits`` programs, each an online softmax over its slice of the row's
+positions ``[start, end)`` in blocks of ``block`` (float32 accumulation); a second kernel merges
+the slices (flash-decoding). Nothing outside the range is loaded, so left padding and positions
+beyond the last written one cost no memory traffic.
 
 Both bounds are read from device memory (``end`` advances between replays of a CUDA graph), so
 the loop is a ``while``: a ``for`` over a bound loaded from memory does not run under Triton's CPU
@@ -22,15 +22,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 # Name under which the decode attention is registered with transformers' AttentionInterface.
 DECODE_ATTENTION = "medreason_decode"
-# Cache positions per loop iteration; measured on an H200 (bench/decode_attention.py).
-BLOCK_N = 64
-NUM_WARPS = 4
+# The kernel's launch parameters for measuring other ones (bench/decode_attention.py).
+KERNEL_ENV = "MEDREASON_DECODE_KERNEL"
 
 
 def interpreted() -> bool:
@@ -49,35 +49,73 @@ def kernel_usable(device: Any) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class LaunchParams:
+    """How the kernel is launched: cache positions per loop iteration, warps per program, and
+    how many programs share one (row, head) (each takes a slice of its range; a second kernel
+    merges their partial softmaxes)."""
+
+    block: int = 64
+    warps: int = 2
+    splits: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block", "warps", "splits"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name}={value}: a power of two")
+
+
+def launch_params() -> LaunchParams:
+    """The defaults, or ``MEDREASON_DECODE_KERNEL`` ("block=64,warps=2,splits=4"; for measuring)."""
+    value = os.environ.get(KERNEL_ENV, "").strip()
+    if not value:
+        return LaunchParams()
+    try:
+        fields = dict(item.split("=", 1) for item in value.split(","))
+        return LaunchParams(**{k.strip(): int(v) for k, v in fields.items()})
+    except (TypeError, ValueError) as exc:
+        from medreason.errors import InputError
+
+        raise InputError(f"{KERNEL_ENV}={value!r}: {exc}; e.g. block=64,warps=2,splits=4") from exc
+
+
 @functools.cache
-def _kernel(interpret: bool) -> Any:
-    """The jitted kernel (built on first use: Triton reads TRITON_INTERPRET when it jits)."""
+def _kernels(interpret: bool) -> tuple[Any, Any]:
+    """The jitted (partial, merge) kernels, built on first use: Triton reads TRITON_INTERPRET
+    when it jits."""
     import triton
     import triton.language as tl
 
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, end_ptr, group,
-                                sqb, sqh, skb, skh, skn, svb, svh, svn, sob, soh, scale,
-                                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    def partial_kernel(q_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, start_ptr, end_ptr, group,
+                       sqb, sqh, skb, skh, skn, svb, svh, svn, scale,
+                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
+        split = tl.program_id(2)
+        heads = tl.num_programs(1)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         q = tl.load(q_ptr + row * sqb + head * sqh + d, mask=d_ok, other=0.0).to(tl.float32) * scale
         start = tl.load(start_ptr + row)
         end = tl.load(end_ptr)
+        # This program's slice of [start, end): whole blocks, the last slice the remainder.
+        chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK) * BLOCK
+        lo = start + split * chunk
+        hi = tl.minimum(lo + chunk, end)
         k_row = k_ptr + row * skb + (head // group) * skh  # grouped-query: heads share a KV head
         v_row = v_ptr + row * svb + (head // group) * svh
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)  # running max of the scores
         total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)  # running sum of exp(score - m)
         acc = tl.zeros([BLOCK_D], tl.float32)
-        n0 = (start // BLOCK) * BLOCK
-        while n0 < end:
+        n0 = lo
+        while n0 < hi:
             n = n0 + tl.arange(0, BLOCK)
-            ok = (n >= start) & (n < end)
+            ok = n < hi
             ok_2d = ok[:, None] & d_ok[None, :]
             k = tl.load(k_row + n[:, None] * skn + d[None, :], mask=ok_2d, other=0.0).to(tl.float32)
             s = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))
-            # Every block visited holds a position in range (start < end), so m_new is finite.
+            # Every block visited holds a position in range (n0 < hi), so m_new is finite.
             m_new = tl.maximum(m, tl.max(s, 0))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new)
@@ -86,21 +124,40 @@ def _kernel(interpret: bool) -> Any:
             acc = acc * alpha + tl.sum(p[:, None] * v, 0)
             m = m_new
             n0 += BLOCK
-        tl.store(o_ptr + row * sob + head * soh + d, (acc / total).to(o_ptr.dtype.element_ty), mask=d_ok)
+        slot = (row * heads + head) * SPLITS + split
+        tl.store(acc_ptr + slot * BLOCK_D + d, acc)
+        tl.store(ml_ptr + slot * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, m, total))
+
+    def merge_kernel(acc_ptr, ml_ptr, o_ptr, sob, soh,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        heads = tl.num_programs(1)
+        d = tl.arange(0, BLOCK_D)
+        sp = tl.arange(0, SPLITS)
+        slots = (row * heads + head) * SPLITS + sp
+        m = tl.load(ml_ptr + slots * 2)
+        total = tl.load(ml_ptr + slots * 2 + 1)
+        acc = tl.load(acc_ptr + slots[:, None] * BLOCK_D + d[None, :])
+        # An empty slice left m = -inf and nothing summed: its weight is exp(-inf) = 0.
+        weight = tl.exp(m - tl.max(m, 0))
+        out = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
+        tl.store(o_ptr + row * sob + head * soh + d, out.to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
     del interpret  # part of the cache key only
-    return triton.jit(decode_attention_kernel)
+    return triton.jit(partial_kernel), triton.jit(merge_kernel)
 
 
 def decode_attention(query: Any, key: Any, value: Any, start: Any, end: Any, scale: float,
-                     block_n: int = BLOCK_N, num_warps: int = NUM_WARPS) -> Any:
-    """Attention of one query per row: ``query`` [B, H, 1, D], ``key``/``value`` [B, H, L, D]
-    (last dimension contiguous; H a multiple of the key's heads); row b attends to positions ``start[b] <= j < end`` (``start``
-    [B] int32, ``end`` a one-element int32 tensor, both on the device). Returns [B, 1, H, D],
-    the layout transformers' attention functions return."""
+                     params: LaunchParams | None = None) -> Any:
+    """Attention of one query per row: ``query`` [B, H, 1, D], ``key``/``value`` [B, Hkv, L, D]
+    (last dimension contiguous; H a multiple of Hkv); row b attends to positions
+    ``start[b] <= j < end`` (``start`` [B] int32, ``end`` a one-element int32 tensor, both on the
+    device). Returns [B, 1, H, D], the layout transformers' attention functions return."""
     import torch
     import triton
 
+    params = params or launch_params()
     rows, heads, q_len, dim = query.shape
     if q_len != 1:
         raise ValueError(f"decode attention takes one query per row, got {q_len}")
@@ -108,14 +165,19 @@ def decode_attention(query: Any, key: Any, value: Any, start: Any, end: Any, sca
         raise ValueError(f"{heads} query heads are not a multiple of {key.shape[1]} key heads")
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("decode attention needs the head dimension contiguous")
+    block_d = triton.next_power_of_2(dim)
+    acc = torch.empty(rows, heads, params.splits, block_d, dtype=torch.float32, device=query.device)
+    ml = torch.empty(rows, heads, params.splits, 2, dtype=torch.float32, device=query.device)
     out = torch.empty(rows, 1, heads, dim, dtype=query.dtype, device=query.device)
-    kernel = _kernel(interpreted())
-    kernel[(rows, heads)](
-        query, key, value, out, start, end, heads // key.shape[1],
+    partial, merge = _kernels(interpreted())
+    partial[(rows, heads, params.splits)](
+        query, key, value, acc, ml, start, end, heads // key.shape[1],
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(2), scale,
-        HEAD_DIM=dim, BLOCK=block_n, BLOCK_D=triton.next_power_of_2(dim), num_warps=num_warps,
+        value.stride(0), value.stride(1), value.stride(2), scale,
+        HEAD_DIM=dim, BLOCK=params.block, BLOCK_D=block_d, SPLITS=params.splits, num_warps=params.warps,
     )
+    merge[(rows, heads)](acc, ml, out, out.stride(0), out.stride(2), HEAD_DIM=dim, BLOCK_D=block_d,
+                         SPLITS=params.splits, num_warps=1)
     return out
 
 

@@ -217,9 +217,11 @@ def decode_path(compile_mode: str, static: bool, hf_model: Any) -> str:
     if reason:
         log.warning("generation config sets %s: decoding with transformers' generate()", reason)
         return "generate"
+    from medreason.evaluation.decode_attention import launch_params
     from medreason.evaluation.decoding import attention_kernels
 
     attention_kernels()  # a bad MEDREASON_DECODE_SDPA stops here, before the first batch
+    launch_params()  # and a bad MEDREASON_DECODE_KERNEL
     return "graphs"
 
 
