@@ -4,7 +4,7 @@
 #   1. stage random weights of the exact Phi-2 shape and a synthetic prepare stage
 #   2. the decode step's attention alone: the Triton kernel against SDPA (decode-attn)
 #   3. `medreason evaluate` on the 1,273-question MedQA file (bench/eval_medqa.yaml): the default
-#      decode (eval-medqa), its SDPA attention (eval-medqa-sdpa), transformers' generate()
+#      decode (eval-medqa), with the Triton decode attention (eval-medqa-triton), transformers' generate()
 #      (eval-medqa-plain), likelihood scoring (loglik)
 #   4. evaluate's decode paths side by side on the same prompts, and the file's bandwidth limit
 #   5. `bench/train_throughput.py` on TRAIN_VARIANTS (default: phi2-bf16), with a profile of the
@@ -12,7 +12,7 @@
 # Needs .carry/medqa_test_4opt.jsonl and .carry/phi2-random-tok/ (a tokenizer saved by
 # bench/stage_phi2_random.py; without it the script trains one, ~40 s). Logs and results go to
 # RESULTS_DIR (first argument, default /tmp/bench-results). BENCH_STEPS picks steps (default all:
-# "stage decode-attn eval-medqa eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench
+# "stage decode-attn eval-medqa eval-medqa-triton eval-medqa-plain loglik eval-medqa-kernels eval-bench
 # train"); stage always runs
 # first when named. EVAL_PATHS: eval-bench's --paths; DECODE_SDPA: eval-medqa-kernels' kernels.
 #   bash bench/device_run.sh /tmp/bench-results
@@ -24,7 +24,7 @@ STORE="${BENCH_STORE:-/tmp/bench-store}"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-STEPS=" ${BENCH_STEPS:-stage decode-attn eval-medqa eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
+STEPS=" ${BENCH_STEPS:-stage decode-attn eval-medqa eval-medqa-triton eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
 read -r -a VARIANTS <<<"${TRAIN_VARIANTS:-bf16=phi2-bf16}"
 read -r -a EVAL_PATH_LIST <<<"${EVAL_PATHS:-none graphs}"
 
@@ -52,7 +52,7 @@ evaluate() { # usage: evaluate NAME LIMIT [--set k=v ...]: the job on the MedQA 
     cp "$STORE/runs/bench/evaluate/$name/MANIFEST.json" "$RES/$name-manifest.json" 2>/dev/null
 }
 TAIL_LINES=40 step decode-attn 150 python3 bench/decode_attention.py --out "$RES"
-# The evaluate runs below take the kernel launch parameters measured fastest, unless set.
+# eval-medqa-triton takes the kernel launch parameters measured fastest, unless set.
 if [[ -z "${MEDREASON_DECODE_KERNEL:-}" && -f "$RES/decode_attention.json" ]]; then
     MEDREASON_DECODE_KERNEL=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["fastest_kernel"] or "")' \
         "$RES/decode_attention.json")
@@ -60,12 +60,12 @@ if [[ -z "${MEDREASON_DECODE_KERNEL:-}" && -f "$RES/decode_attention.json" ]]; t
     echo "== MEDREASON_DECODE_KERNEL=$MEDREASON_DECODE_KERNEL"
 fi
 evaluate eval-medqa 180
-evaluate eval-medqa-sdpa 180 --set eval.decode_attention=sdpa
+evaluate eval-medqa-triton 180 --set eval.decode_attention=triton
 evaluate eval-medqa-plain 200 --set eval.compile=none
 evaluate loglik 100 --set eval.scoring=loglikelihood
 # The SDPA decode with the attention kernels named in DECODE_SDPA (MEDREASON_DECODE_SDPA).
 [[ -n "${DECODE_SDPA:-}" ]] && (export MEDREASON_DECODE_SDPA="$DECODE_SDPA"
-                                evaluate eval-medqa-kernels 180 --set eval.decode_attention=sdpa)
+                                evaluate eval-medqa-kernels 180)
 step eval-bench 180 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
     --prompts 384 --naive-prompts 0 --max-new-tokens 128 --batch-size 192 --max-batch-tokens 196608 \
     --paths "${EVAL_PATH_LIST[@]}" --out "$RES"

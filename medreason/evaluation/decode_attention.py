@@ -13,8 +13,13 @@ the loop is a ``while``: a ``for`` over a bound loaded from memory does not run 
 interpreter (``TRITON_INTERPRET=1``, with numpy >= 2.4), which is what
 tests/test_decode_attention.py checks the kernel with on a machine without a GPU.
 
-``eval.decode_attention: sdpa`` keeps the SDPA path (the same tokens up to float rounding: the
-kernel sums in another order).
+It is ``eval.decode_attention: triton``, not the default: on an H200 it is slower than SDPA's
+cuDNN kernel (bench/RESULTS.md, third round: 0.67 ms against 0.43 ms for one Phi-2 layer of a
+192-row batch, ~2.0 against ~3.0 TB/s of in-range keys and values; 106 s against 81 s for the
+MedQA file), splitting the rows over more programs did not help, so what limits it is the work
+per loaded tile (the 80-wide head padded to 128 lanes, a reduction per row), which
+bench/decode_attention.py is there to measure. It gives the tokens of the SDPA path up to float
+rounding (it sums in another order).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class LaunchParams:
 
     block: int = 64
     warps: int = 2
-    splits: int = 4
+    splits: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block", "warps", "splits"):
@@ -67,7 +72,8 @@ class LaunchParams:
 
 
 def launch_params() -> LaunchParams:
-    """The defaults, or ``MEDREASON_DECODE_KERNEL`` ("block=64,warps=2,splits=4"; for measuring)."""
+    """The defaults (the fastest of bench/decode_attention.py's grid on an H200), or
+    ``MEDREASON_DECODE_KERNEL`` ("block=64,warps=2,splits=4"; for measuring)."""
     value = os.environ.get(KERNEL_ENV, "").strip()
     if not value:
         return LaunchParams()

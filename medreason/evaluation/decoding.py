@@ -14,7 +14,7 @@ positions beyond those in use.
 With ``attention="sdpa"`` the result is the token-for-token output of ``generate()`` with greedy
 decoding (same prefill call, same masks, masked positions contribute exact zeros);
 tests/test_decoding.py checks it on CPU, where the same loop runs without graphs. With
-``attention="triton"`` (the default on CUDA) the decode steps' attention is the kernel of
+``attention="triton"`` (``eval.decode_attention``) the decode steps' attention is the kernel of
 medreason/evaluation/decode_attention.py, which reads only each row's real positions; the prefill
 is unchanged, and the tokens are those of ``generate()`` up to float rounding in the attention
 (the kernel sums in another order), which tests/test_decode_attention.py checks on CPU through
