@@ -16,10 +16,10 @@ tests/test_decode_attention.py checks the kernel with on a machine without a GPU
 It is ``eval.decode_attention: triton``, not the default: on an H200 it is slower than SDPA's
 cuDNN kernel (bench/RESULTS.md, third round: 0.67 ms against 0.43 ms for one Phi-2 layer of a
 192-row batch, ~2.0 against ~3.0 TB/s of in-range keys and values; 106 s against 81 s for the
-MedQA file), splitting the rows over more programs did not help, so what limits it is the work
-per loaded tile (the 80-wide head padded to 128 lanes, a reduction per row), which
-bench/decode_attention.py is there to measure. It gives the tokens of the SDPA path up to float
-rounding (it sums in another order).
+MedQA file), and splitting the rows over more programs did not help. Not profiled further; the
+likely costs are the work per loaded tile (the 80-wide head padded to 128 lanes, a reduction per
+row) rather than the memory traffic. bench/decode_attention.py measures any change against SDPA.
+It gives the tokens of the SDPA path up to float rounding (it sums in another order).
 """
 
 from __future__ import annotations
