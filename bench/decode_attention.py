@@ -38,6 +38,19 @@ def _timed(fn, iters: int) -> float:  # noqa: ANN001
     return sorted(times)[len(times) // 2]
 
 
+def _grid():  # noqa: ANN202
+    """The launch parameters tried: positions per iteration, warps, splits, pipeline stages."""
+    from medreason.evaluation.decode_attention import LaunchParams
+
+    return [LaunchParams(block=b, warps=w, splits=s, stages=st)
+            for b in (16, 32, 64) for w in (1, 2, 4) for s in (1, 2) for st in (1, 3)]
+
+
+def _spec(params) -> str:  # noqa: ANN001
+    """MEDREASON_DECODE_KERNEL's form of ``params``."""
+    return f"block={params.block},warps={params.warps},splits={params.splits},stages={params.stages}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=192)
@@ -57,7 +70,7 @@ def main() -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from medreason.evaluation.decode_attention import LaunchParams, decode_attention
+    from medreason.evaluation.decode_attention import decode_attention
 
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -102,22 +115,17 @@ def main() -> int:
             with sdpa_kernel([getattr(SDPBackend, b)]):
                 return sdpa()
         record(f"sdpa {backend.split('_')[0].lower()}", forced)
-    for splits in (1, 4, 8, 16):
-        for block in (32, 64):
-            for warps in (1, 2, 4):
-                params = LaunchParams(block=block, warps=warps, splits=splits)
-                record(f"triton block {block} warps {warps} splits {splits}",
-                       lambda p=params: decode_attention(q, k, v, starts, end, scale, p),
-                       block=block, warps=warps, splits=splits)
-    kernels = [r for r in results if "splits" in r]
+    for params in _grid():
+        record(f"triton {params.block}/{params.warps}w/{params.splits}s/{params.stages}st",
+               lambda p=params: decode_attention(q, k, v, starts, end, scale, p), launch=_spec(params))
+    kernels = [r for r in results if "launch" in r]
     best = min(kernels, key=lambda r: r["ms"]) if kernels else None
     if best:
-        print(f"fastest kernel: block={best['block']},warps={best['warps']},splits={best['splits']} "
-              f"({best['ms']:.3f} ms, {best['gb_s']:.0f} GB/s)")
+        print(f"fastest kernel: {best['launch']} ({best['ms']:.3f} ms, {best['gb_s']:.0f} GB/s)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_attention.json"), "w") as f:
         json.dump({"args": vars(args), "in_range_bytes": in_range, "results": results,
-                   "fastest_kernel": best and f"block={best['block']},warps={best['warps']},splits={best['splits']}"},
+                   "fastest_kernel": best and best["launch"]},
                   f, indent=1)
     return 0
 

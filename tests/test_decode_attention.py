@@ -30,7 +30,26 @@ PROMPTS = ["A 45-year-old man presents with crushing chest pain radiating to the
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 process")
-KERNEL_TESTS = 5  # the tests marked ``interpreter`` (parametrized cases counted)
+KERNEL_TESTS = 7  # the tests marked ``interpreter`` (parametrized cases counted)
+
+
+def _interpreter_loop_bounds() -> None:
+    """Triton 3.6's interpreter turns a loop bound loaded from memory into an int with
+    ``int(one_element_array)``, which numpy >= 2.4 refuses for arrays of one dimension; give
+    its tensors an ``__index__`` that takes the element instead (test process only)."""
+    from triton.runtime import interpreter as interp
+
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):  # noqa: ANN001, ANN202
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _interpreter_loop_bounds()
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreted process")
@@ -54,13 +73,15 @@ def _reference(q, k, v, starts, end: int, scale: float):  # noqa: ANN001, ANN202
 
 
 @interpreter
-@pytest.mark.parametrize(("heads", "kv_heads", "block", "splits"),
-                         [(4, 4, 16, 1), (4, 2, 8, 4), (2, 1, 64, 8)])  # 8 splits of 1 block: some empty
-def test_kernel_matches_sdpa_with_the_equivalent_mask(heads: int, kv_heads: int, block: int, splits: int) -> None:
+@pytest.mark.parametrize(("heads", "kv_heads", "block", "splits", "dim"),
+                         [(4, 4, 16, 1, 16), (4, 2, 8, 4, 16), (2, 1, 64, 8, 16),  # 8 splits of 1 block: some empty
+                          (2, 2, 8, 1, 20), (2, 1, 16, 2, 14)])  # 20 = 16 + 4 (two loads), 14: masked to 16
+def test_kernel_matches_sdpa_with_the_equivalent_mask(heads: int, kv_heads: int, block: int, splits: int,
+                                                      dim: int) -> None:
     import torch
 
     torch.manual_seed(0)
-    rows, length, dim, end = 3, 40, 16, 33
+    rows, length, end = 3, 40, 33
     params = da.LaunchParams(block=block, warps=1, splits=splits)
     # The query as transformers hands it: a transposed view, not contiguous.
     q = torch.randn(rows, 1, heads, dim).transpose(1, 2)
@@ -96,10 +117,19 @@ def test_launch_params_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert da.launch_params() == da.LaunchParams()
     monkeypatch.setenv(da.KERNEL_ENV, "block=32, warps=4,splits=8")
     assert da.launch_params() == da.LaunchParams(block=32, warps=4, splits=8)
-    for bad in ("block=48", "blocks=32", "splits=two", "8"):
+    monkeypatch.setenv(da.KERNEL_ENV, "block=16,stages=3")
+    assert da.launch_params() == da.LaunchParams(block=16, stages=3)
+    for bad in ("block=48", "blocks=32", "splits=two", "8", "stages=0"):
         monkeypatch.setenv(da.KERNEL_ENV, bad)
         with pytest.raises(InputError, match=da.KERNEL_ENV):
             da.launch_params()
+
+
+def test_head_split_loads_no_masked_lane_where_it_can() -> None:
+    assert da.head_split(80) == (64, 16)  # Phi-2
+    assert da.head_split(128) == (128, 0)
+    assert da.head_split(96) == (64, 32)
+    assert da.head_split(112) == (128, 0)  # 64 + 48: no split, 16 lanes masked
 
 
 def test_row_starts_accepts_plain_left_padding_only() -> None:

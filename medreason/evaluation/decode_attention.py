@@ -9,9 +9,10 @@ the slices (flash-decoding). Nothing outside the range is loaded, so left paddin
 beyond the last written one cost no memory traffic.
 
 Both bounds are read from device memory (``end`` advances between replays of a CUDA graph), so
-the loop is a ``while``: a ``for`` over a bound loaded from memory does not run under Triton's CPU
-interpreter (``TRITON_INTERPRET=1``, with numpy >= 2.4), which is what
-tests/test_decode_attention.py checks the kernel with on a machine without a GPU.
+the loop's bounds are loaded values. The head dimension is loaded as two power-of-two parts
+where it can be (``head_split``: Phi-2's 80 as 64 + 16) rather than padded to the next power
+of two with masked lanes. tests/test_decode_attention.py checks the kernel under Triton's CPU
+interpreter (``TRITON_INTERPRET=1``).
 
 It is ``eval.decode_attention: triton``, not the default: on an H200 it is slower than SDPA's
 cuDNN kernel (bench/RESULTS.md, third round: 0.67 ms against 0.43 ms for one Phi-2 layer of a
@@ -58,17 +59,21 @@ def kernel_usable(device: Any) -> str | None:
 class LaunchParams:
     """How the kernel is launched: cache positions per loop iteration, warps per program, and
     how many programs share one (row, head) (each takes a slice of its range; a second kernel
-    merges their partial softmaxes)."""
+    merges their partial softmaxes), and Triton's ``num_stages`` (how far ahead of the loop's
+    compute its loads are issued)."""
 
     block: int = 64
     warps: int = 2
     splits: int = 1
+    stages: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block", "warps", "splits"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name}={value}: a power of two")
+        if not 1 <= self.stages <= 6:
+            raise ValueError(f"stages={self.stages}: 1 to 6 (loads in flight ahead of the loop)")
 
 
 def launch_params() -> LaunchParams:
@@ -86,6 +91,17 @@ def launch_params() -> LaunchParams:
         raise InputError(f"{KERNEL_ENV}={value!r}: {exc}; e.g. block=64,warps=2,splits=4") from exc
 
 
+def head_split(dim: int) -> tuple[int, int]:
+    """The head dimension as two power-of-two parts ``(d1, d2)`` the kernel loads separately
+    (Phi-2's 80 = 64 + 16: no lane of a load is masked off), or ``(next power of two, 0)``
+    with the lanes past ``dim`` masked when no such split exists."""
+    low = 1 << (dim.bit_length() - 1)
+    rest = dim - low
+    if rest == 0 or rest & (rest - 1) == 0:
+        return low, rest
+    return low << 1, 0
+
+
 @functools.cache
 def _kernels(interpret: bool) -> tuple[Any, Any]:
     """The jitted (partial, merge) kernels, built on first use: Triton reads TRITON_INTERPRET
@@ -95,14 +111,15 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
 
     def partial_kernel(q_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, start_ptr, end_ptr, group,
                        sqb, sqh, skb, skh, skn, svb, svh, svn, scale,
-                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK: tl.constexpr,
+                       SPLITS: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
         heads = tl.num_programs(1)
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_DIM
-        q = tl.load(q_ptr + row * sqb + head * sqh + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        d1 = tl.arange(0, D1)
+        d1_ok = d1 < HEAD_DIM  # all true unless the head dimension had no power-of-two split
+        q1 = tl.load(q_ptr + row * sqb + head * sqh + d1, mask=d1_ok, other=0.0).to(tl.float32) * scale
         start = tl.load(start_ptr + row)
         end = tl.load(end_ptr)
         # This program's slice of [start, end): whole blocks, the last slice the remainder.
@@ -113,25 +130,35 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         v_row = v_ptr + row * svb + (head // group) * svh
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)  # running max of the scores
         total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)  # running sum of exp(score - m)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        n0 = lo
-        while n0 < hi:
+        acc1 = tl.zeros([D1], tl.float32)
+        if D2 > 0:
+            d2 = D1 + tl.arange(0, D2)
+            q2 = tl.load(q_ptr + row * sqb + head * sqh + d2).to(tl.float32) * scale
+            acc2 = tl.zeros([D2], tl.float32)
+        for n0 in tl.range(lo, hi, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             ok = n < hi
-            ok_2d = ok[:, None] & d_ok[None, :]
-            k = tl.load(k_row + n[:, None] * skn + d[None, :], mask=ok_2d, other=0.0).to(tl.float32)
-            s = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))
+            k1 = tl.load(k_row + n[:, None] * skn + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
+            s = tl.sum(k1.to(tl.float32) * q1[None, :], 1)
+            if D2 > 0:
+                k2 = tl.load(k_row + n[:, None] * skn + d2[None, :], mask=ok[:, None], other=0.0)
+                s += tl.sum(k2.to(tl.float32) * q2[None, :], 1)
+            s = tl.where(ok, s, float("-inf"))
             # Every block visited holds a position in range (n0 < hi), so m_new is finite.
             m_new = tl.maximum(m, tl.max(s, 0))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new)
-            v = tl.load(v_row + n[:, None] * svn + d[None, :], mask=ok_2d, other=0.0).to(tl.float32)
             total = total * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            v1 = tl.load(v_row + n[:, None] * svn + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
+            acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), 0)
+            if D2 > 0:
+                v2 = tl.load(v_row + n[:, None] * svn + d2[None, :], mask=ok[:, None], other=0.0)
+                acc2 = acc2 * alpha + tl.sum(p[:, None] * v2.to(tl.float32), 0)
             m = m_new
-            n0 += BLOCK
         slot = (row * heads + head) * SPLITS + split
-        tl.store(acc_ptr + slot * BLOCK_D + d, acc)
+        tl.store(acc_ptr + slot * HEAD_DIM + d1, acc1, mask=d1_ok)
+        if D2 > 0:
+            tl.store(acc_ptr + slot * HEAD_DIM + d2, acc2)
         tl.store(ml_ptr + slot * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, m, total))
 
     def merge_kernel(acc_ptr, ml_ptr, o_ptr, sob, soh,
@@ -140,15 +167,16 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         head = tl.program_id(1)
         heads = tl.num_programs(1)
         d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
         sp = tl.arange(0, SPLITS)
         slots = (row * heads + head) * SPLITS + sp
         m = tl.load(ml_ptr + slots * 2)
         total = tl.load(ml_ptr + slots * 2 + 1)
-        acc = tl.load(acc_ptr + slots[:, None] * BLOCK_D + d[None, :])
+        acc = tl.load(acc_ptr + slots[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0)
         # An empty slice left m = -inf and nothing summed: its weight is exp(-inf) = 0.
         weight = tl.exp(m - tl.max(m, 0))
         out = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
-        tl.store(o_ptr + row * sob + head * soh + d, out.to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+        tl.store(o_ptr + row * sob + head * soh + d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
 
     del interpret  # part of the cache key only
     return triton.jit(partial_kernel), triton.jit(merge_kernel)
@@ -171,8 +199,8 @@ def decode_attention(query: Any, key: Any, value: Any, start: Any, end: Any, sca
         raise ValueError(f"{heads} query heads are not a multiple of {key.shape[1]} key heads")
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("decode attention needs the head dimension contiguous")
-    block_d = triton.next_power_of_2(dim)
-    acc = torch.empty(rows, heads, params.splits, block_d, dtype=torch.float32, device=query.device)
+    d1, d2 = head_split(dim)
+    acc = torch.empty(rows, heads, params.splits, dim, dtype=torch.float32, device=query.device)
     ml = torch.empty(rows, heads, params.splits, 2, dtype=torch.float32, device=query.device)
     out = torch.empty(rows, 1, heads, dim, dtype=query.dtype, device=query.device)
     partial, merge = _kernels(interpreted())
@@ -180,10 +208,11 @@ def decode_attention(query: Any, key: Any, value: Any, start: Any, end: Any, sca
         query, key, value, acc, ml, start, end, heads // key.shape[1],
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), scale,
-        HEAD_DIM=dim, BLOCK=params.block, BLOCK_D=block_d, SPLITS=params.splits, num_warps=params.warps,
+        HEAD_DIM=dim, D1=d1, D2=d2, BLOCK=params.block, SPLITS=params.splits, num_warps=params.warps,
+        num_stages=params.stages,
     )
-    merge[(rows, heads)](acc, ml, out, out.stride(0), out.stride(2), HEAD_DIM=dim, BLOCK_D=block_d,
-                         SPLITS=params.splits, num_warps=1)
+    merge[(rows, heads)](acc, ml, out, out.stride(0), out.stride(2), HEAD_DIM=dim,
+                         BLOCK_D=triton.next_power_of_2(dim), SPLITS=params.splits, num_warps=1)
     return out
 
 
