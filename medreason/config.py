@@ -194,11 +194,12 @@ class EvalConfig(_Section):
         "compile the whole model with CUDA graphs: ~2 minutes of compilation for Phi-2.",
     )
     decode_attention: Literal["sdpa", "triton"] = Field(
-        "sdpa",
-        description="The attention of eval.compile=graphs decode steps: 'sdpa' is PyTorch's "
-        "scaled_dot_product_attention with a mask (the same tokens as generate()); 'triton' a "
-        "kernel that reads only each row's real cache positions (CUDA; elsewhere sdpa), slower "
-        "than sdpa's cuDNN kernel on an H200 so far (bench/RESULTS.md).",
+        "triton",
+        description="The attention of eval.compile=graphs decode steps: 'triton' is a kernel that "
+        "reads only each row's real cache positions (CUDA with Triton; elsewhere sdpa, with a log "
+        "line), the same tokens as generate() up to float rounding; 'sdpa' is PyTorch's "
+        "scaled_dot_product_attention with a mask (generate()'s own tokens), which also reads the "
+        "left padding and the cache bucket's unwritten positions (bench/RESULTS.md).",
     )
     checkpoint: str = Field("final", description="'final', 'best', 'merged', 'none' or 'step-<N>'.")
     scoring: Literal["generate", "loglikelihood"] = Field(
@@ -302,7 +303,7 @@ class Config(_Section):
 # did before the field existed, or one that gives their numbers up to float rounding.
 HASHED_AS_ABSENT_AT: dict[tuple[str, str], object] = {
     ("eval", "loglik_shared_context"): True,  # same numbers up to float rounding
-    ("eval", "decode_attention"): "sdpa",  # the decode as before
+    ("eval", "decode_attention"): "triton",  # the tokens of the sdpa decode up to float rounding
     ("eval", "fused_activation"): True,  # same formula as gelu_new, float rounding apart
     ("train", "lora_compute_dtype"): "float32",  # PEFT's float32 adapter products, as before
     ("train", "attention_in_graph"): True,  # the same kernels: numbers up to float rounding

@@ -198,11 +198,11 @@ def test_decode_attention_is_a_config_field_hashed_as_absent_at_its_default() ->
     from medreason.config import build_config
 
     default = build_config(preset="demo")
-    assert default.eval.decode_attention == "sdpa"
-    kernel = build_config(preset="demo", overrides=["eval.decode_attention=triton"])
-    assert kernel.eval.decode_attention == "triton"
-    # A config recorded before the field existed hashes like today's default (the decode as
-    # before), so stages evaluated before keep their hashes; triton is a change.
+    assert default.eval.decode_attention == "triton"
+    plain = build_config(preset="demo", overrides=["eval.decode_attention=sdpa"])
+    assert plain.eval.decode_attention == "sdpa"
+    # A config recorded before the field existed hashes like today's default (the same tokens
+    # up to float rounding), so stages evaluated before keep their hashes; sdpa is a change.
     import hashlib
     import json
 
@@ -212,6 +212,6 @@ def test_decode_attention_is_a_config_field_hashed_as_absent_at_its_default() ->
     del recorded["eval"]["decode_attention"]
     blob = json.dumps(hashed_sections(recorded, ("eval",)), sort_keys=True, separators=(",", ":")).encode()
     assert hashlib.sha256(blob).hexdigest() == default.section_hash("eval")
-    assert default.section_hash("eval") != kernel.section_hash("eval")
+    assert default.section_hash("eval") != plain.section_hash("eval")
     with pytest.raises((ValidationError, ValueError)):
         build_config(preset="demo", overrides=["eval.decode_attention=flash"])

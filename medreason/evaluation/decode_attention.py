@@ -138,10 +138,15 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         for n0 in tl.range(lo, hi, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             ok = n < hi
+            # The block's keys and values are all requested before any arithmetic waits on
+            # them: more bytes in flight per program (the kernel is bound by memory latency).
             k1 = tl.load(k_row + n[:, None] * skn + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
-            s = tl.sum(k1.to(tl.float32) * q1[None, :], 1)
+            v1 = tl.load(v_row + n[:, None] * svn + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
             if D2 > 0:
                 k2 = tl.load(k_row + n[:, None] * skn + d2[None, :], mask=ok[:, None], other=0.0)
+                v2 = tl.load(v_row + n[:, None] * svn + d2[None, :], mask=ok[:, None], other=0.0)
+            s = tl.sum(k1.to(tl.float32) * q1[None, :], 1)
+            if D2 > 0:
                 s += tl.sum(k2.to(tl.float32) * q2[None, :], 1)
             s = tl.where(ok, s, float("-inf"))
             # Every block visited holds a position in range (n0 < hi), so m_new is finite.
@@ -149,10 +154,8 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new)
             total = total * alpha + tl.sum(p, 0)
-            v1 = tl.load(v_row + n[:, None] * svn + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
             acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), 0)
             if D2 > 0:
-                v2 = tl.load(v_row + n[:, None] * svn + d2[None, :], mask=ok[:, None], other=0.0)
                 acc2 = acc2 * alpha + tl.sum(p[:, None] * v2.to(tl.float32), 0)
             m = m_new
         slot = (row * heads + head) * SPLITS + split

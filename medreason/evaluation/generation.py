@@ -236,7 +236,7 @@ def generate_texts(
     cache_bucket_tokens: int = 0,
     compile_mode: str = "graphs",
     progress_interval_s: float = PROGRESS_INTERVAL_S,
-    decode_attention: str = "sdpa",
+    decode_attention: str = "triton",
 ) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding and the KV cache.
 
