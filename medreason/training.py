@@ -6,6 +6,7 @@ The pieces live in their own modules; this one wires them up and iterates:
 - medreason.train_setup: accelerator, data (TrainData), model/optimizer/scheduler (TrainModel),
   and the start-of-run line naming the attention path, loss kernel and compile mode.
 - medreason.train_step: a micro-batch's loss (fast-path extras, target-only head).
+- medreason.prefetch: the next micro-batch collated and on the device while the GPU works.
 - medreason.checkpointing: TrainState, save, load, prune, the resume point, the final commit.
 - medreason.train_metrics: metrics.jsonl rows, the step log line with its ETA.
 - medreason.tracking: TensorBoard / W&B / MLflow (train.report_to), rank 0 only.
@@ -42,7 +43,8 @@ from medreason.checkpointing import (
 )
 from medreason.config import Config
 from medreason.errors import InputError, Preempted
-from medreason.packing import epoch_plan, step_counts, step_micro_batches
+from medreason.packing import MicroBatch, epoch_plan, step_counts, step_micro_batches
+from medreason.prefetch import Prefetcher, prefetch_enabled
 from medreason.profiling import PROFILE_ENV, StepProfiler
 from medreason.store import ArtifactStore, manifest_hash
 from medreason.testhooks import STEP_DELAY_ENV
@@ -188,7 +190,7 @@ class Trainer:
     """Iterates the steps of a run whose pieces setup() built; every rank runs one."""
 
     def __init__(self, cfg: Config, acc: Any, data: TrainData, tm: TrainModel, ckpt: CheckpointClient,
-                 state: TrainState, metrics: MetricsLog, profiler: StepProfiler):
+                 state: TrainState, metrics: MetricsLog, profiler: StepProfiler, prefetch: bool = True):
         import torch
 
         self.cfg, self.acc, self.data, self.tm, self.ckpt = cfg, acc, data, tm, ckpt
@@ -202,6 +204,8 @@ class Trainer:
         self.flops_per_token = (6 if cfg.train.gradient_checkpointing else 4) * tm.n_base_params
         self.plan: list[Any] = []
         self.plan_epoch = -1
+        # Keyed by (step, accumulation slot): the micro-batch is a function of the two.
+        self.batches = Prefetcher(self._load, acc.device, prefetch)
         self.clock = Clock(state.step, data.total_steps)
         self.pbar: Any = None
 
@@ -245,6 +249,7 @@ class Trainer:
             log.info("stop requested after the last step; committing the final adapter first")
 
     def close(self) -> None:
+        self.batches.close()
         self.profiler.close()
         if self.pbar is not None:
             self.pbar.close()
@@ -252,17 +257,33 @@ class Trainer:
     def _due(self, every: int, step: int) -> bool:
         return step % every == 0 or step == self.data.total_steps
 
+    def _micro_batches(self, step: int) -> tuple[list[Any], int]:
+        """(the epoch's plan, the step's index in it); the plan is built once per epoch."""
+        epoch, index = divmod(step, self.data.steps_per_epoch)
+        if epoch != self.plan_epoch:
+            self.plan = epoch_plan(self.data.train_split.lengths, self.data.layout, self.cfg.train.seed, epoch)
+            self.plan_epoch = epoch
+        return self.plan, index
+
     def _step_plan(self, step: int) -> tuple[list[Any], int, int]:
         """(this rank's micro-batches, the step's target tokens, its real tokens; all ranks)."""
         tc, data = self.cfg.train, self.data
-        epoch, index = divmod(step, data.steps_per_epoch)
-        if epoch != self.plan_epoch:
-            self.plan = epoch_plan(data.train_split.lengths, data.layout, tc.seed, epoch)
-            self.plan_epoch = epoch
+        plan, index = self._micro_batches(step)
         per_step = tc.grad_accum_steps * self.world
-        step_mbs = self.plan[index * per_step:(index + 1) * per_step]
+        step_mbs = plan[index * per_step:(index + 1) * per_step]
         n_targets, n_real = step_counts(data.train_split, step_mbs, data.layout)
-        return step_micro_batches(self.plan, index, tc.grad_accum_steps, self.world, self.rank), n_targets, n_real
+        return step_micro_batches(plan, index, tc.grad_accum_steps, self.world, self.rank), n_targets, n_real
+
+    def _load(self, mb: MicroBatch) -> dict[str, Any]:
+        """One training micro-batch, collated and on the device (the prefetch worker runs it)."""
+        return to_device(self.tm.collate(self.data.train_split, mb, self.data.layout), self.acc.device)
+
+    def _prefetch_step(self, step: int) -> None:
+        """Start loading this rank's first micro-batch of ``step`` (none past the last step)."""
+        if self.batches.enabled and step < self.data.total_steps:
+            plan, index = self._micro_batches(step)
+            first = step_micro_batches(plan, index, self.cfg.train.grad_accum_steps, self.world, self.rank)[0]
+            self.batches.ahead((step, 0), first)
 
     def _train_step(self, log_now: bool) -> tuple[float, Any]:
         """Forward/backward over this rank's micro-batches and the update: (lr used, grad norm or None)."""
@@ -274,16 +295,18 @@ class Trainer:
         self.profiler.before(step)
         scale = self.world / max(n_targets, 1)
         for a, mb in enumerate(mine):
+            batch = self.batches.take((step, a), mb)
             # Dropout masks from (seed, step, the micro-batch's slot in the step): the same
             # micro-batch gets the same mask whichever rank or accumulation slot runs it,
-            # and a resumed run needs no RNG history.
+            # and a resumed run needs no RNG history. Set right before the forward.
             torch.manual_seed(step_seed(tc.seed, step, a * self.world + self.rank))
-            batch = to_device(tm.collate(self.data.train_split, mb, self.data.layout), self.acc.device)
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if a == tc.grad_accum_steps - 1 else self.acc.no_sync(tm.model)
             with sync:
                 loss_sum = forward_loss(tm.model, batch, self.data.layout.mode, tm.attn_impl, tm.dtype, tm.head)
                 self.acc.backward(loss_sum * scale)
+            if a + 1 < len(mine):
+                self.batches.ahead((step, a + 1), mine[a + 1])  # while the backward runs
             self.window.loss += loss_sum.detach()
         self.guard.observe(self.window.loss, step + 1)
         grad_norm = None
@@ -297,6 +320,7 @@ class Trainer:
             self.guard.observe(grad_norm, step + 1)
         lr = tm.scheduler.get_last_lr()[0]
         tm.optimizer.step()
+        self._prefetch_step(step + 1)  # while the update runs, before the logging sync
         tm.scheduler.step()
         tm.optimizer.zero_grad(set_to_none=True)
         st.advance(n_real)
@@ -408,8 +432,10 @@ def _start_state(cfg: Config, acc: Any, data: TrainData, tm: TrainModel, ckpt: C
 def setup(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict[str, Any], force: bool,
           acc: Any, lease: Any = None) -> Trainer:
     """Data, resume decision, model, state and metrics of a run, in that order."""
-    # Parsed first so a malformed MEDREASON_PROFILE fails before the model is loaded.
+    # Parsed first so a malformed MEDREASON_PROFILE or MEDREASON_PREFETCH fails before the
+    # model is loaded.
     profiler = StepProfiler(os.environ.get(PROFILE_ENV), acc.is_main_process)
+    prefetch = prefetch_enabled()
     check_fsdp(cfg, acc)  # before data, resume and model: a refused setup costs nothing
     tracking = Tracking(cfg, store, run_id, acc)  # a tracker package that is missing: exit 2 now
     ckpt = CheckpointClient(cfg, store, run_id, {"prepare": manifest_hash(prepare_manifest)}, acc, lease)
@@ -421,7 +447,7 @@ def setup(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict
     metrics.open_writer()
     if acc.is_main_process:
         log_paths(cfg, tm, data.layout, acc.device.type)
-    return Trainer(cfg, acc, data, tm, ckpt, state, metrics, profiler)
+    return Trainer(cfg, acc, data, tm, ckpt, state, metrics, profiler, prefetch)
 
 
 def build_train_stage(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict[str, Any],
