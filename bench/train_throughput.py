@@ -10,7 +10,8 @@ Phi-2 in 8-bit (bitsandbytes), peft LoRA r=32 on the six projections, gradient c
     python3 bench/train_throughput.py --store /tmp/store --run bench \\
         --variant bf16=phi2-bf16 --variant seed=phi2-seed --original --steps 30
 
-A variant is NAME=PRESET[,key=value...] (extra --set overrides) and may be prefixed by
+A variant is NAME=PRESET[,key=value...] (extra --set overrides; a key in capitals, e.g.
+MEDREASON_PREFETCH=0, is an environment variable of that run instead) and may be prefixed by
 "plain:" to run with MEDREASON_FAST_PATH=0 (block mask, full logits).
 Throughput counts real tokens only; MFU = tokens/s x 4N / 800e12 (N = base parameters,
 4N: forward + activation backward of a frozen base; recomputation is not counted as work).
@@ -48,7 +49,9 @@ def run_preset(name: str, spec: str, store: str, run: str, steps: int, warmup: i
                profile_steps: int = 0) -> dict:
     plain = spec.startswith("plain:")
     spec = spec.removeprefix("plain:")
-    preset, *sets = spec.split(",")
+    preset, *items = spec.split(",")
+    sets = [i for i in items if not i.split("=", 1)[0].isupper()]
+    env_sets = dict(i.split("=", 1) for i in items if i.split("=", 1)[0].isupper())
     run_id = f"{run}-{name}"
     # Each variant trains in its own run: a copy of the synthetic prepare stage.
     subprocess.run([sys.executable, "bench/stage_phi2_random.py", "--store", store, "--run", run_id,
@@ -59,7 +62,7 @@ def run_preset(name: str, spec: str, store: str, run: str, steps: int, warmup: i
            "--force"]
     for o in overrides:
         cmd += ["--set", o]
-    env = dict(os.environ)
+    env = {**os.environ, **env_sets}
     if plain:
         env["MEDREASON_FAST_PATH"] = "0"
     timed_until = steps

@@ -290,4 +290,15 @@ def generate_texts(
         log.info("%s: batch %d/%d (%d questions, %d new tokens%s) done, %.0f s so far", desc, k, len(plan),
                  n_questions, int(new.shape[1]),
                  f", cache {cache_len}" if static else "", time.monotonic() - started)
+    _log_peak_memory(desc, next(model.parameters()).device)
     return out
+
+
+def _log_peak_memory(desc: str, device: Any) -> None:
+    """The GPU memory high-water mark so far: what eval.batch_size / max_batch_tokens left free."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return
+    import torch
+
+    peak, total = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+    log.info("%s: peak GPU memory %.1f of %.1f GiB", desc, peak / 2**30, total / 2**30)
