@@ -39,13 +39,25 @@ def prefetch_enabled() -> bool:
     raise InputError(f"{PREFETCH_ENV}={value!r}: expected 1/true/yes/on or 0/false/no/off (default on)")
 
 
-def _bind_device(device: Any) -> None:
-    """The worker's current CUDA device: a new thread starts on device 0, which on a rank that
-    owns another GPU would create a CUDA context there for the pinned-memory copy."""
-    if getattr(device, "type", "cpu") == "cuda":
+def _bind_device(index: int | None) -> None:
+    """The worker's current CUDA device (``index``; None off CUDA): a new thread starts on device
+    0, which on a rank that owns another GPU would create a CUDA context there for the
+    pinned-memory copy."""
+    if index is not None:
         import torch
 
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(index)
+
+
+def _device_index(device: Any) -> int | None:
+    """The CUDA device index of ``device`` (a bare ``cuda`` means the current one), or None."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    if device.index is not None:
+        return int(device.index)
+    import torch
+
+    return torch.cuda.current_device()
 
 
 class Prefetcher:
@@ -60,7 +72,7 @@ class Prefetcher:
         self.load = load
         self.pending: tuple[Hashable, Future[Any]] | None = None
         self.pool = (ThreadPoolExecutor(1, thread_name_prefix="prefetch", initializer=_bind_device,
-                                        initargs=(device,)) if enabled else None)
+                                        initargs=(_device_index(device),)) if enabled else None)
 
     @property
     def enabled(self) -> bool:

@@ -129,3 +129,12 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and a
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_worker_binds_the_ranks_cuda_device_by_index() -> None:
+    import torch
+
+    from medreason.prefetch import _device_index
+
+    assert _device_index(torch.device("cpu")) is None
+    assert _device_index(torch.device("cuda", 1)) == 1  # no CUDA call when the index is given

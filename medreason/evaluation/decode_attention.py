@@ -63,9 +63,9 @@ class LaunchParams:
     compute its loads are issued)."""
 
     block: int = 64
-    warps: int = 2
-    splits: int = 1
-    stages: int = 1
+    warps: int = 1
+    splits: int = 2
+    stages: int = 3
 
     def __post_init__(self) -> None:
         for name in ("block", "warps", "splits"):
