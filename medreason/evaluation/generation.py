@@ -265,6 +265,7 @@ def generate_texts(
         extra["cache_implementation"] = "static"
         extra.update(_compile_generation(compile_mode, plan, batch_size, max_batch_tokens))
     started = time.monotonic()
+    generated = 0
     for k, (batch, cache_len) in enumerate(tqdm(plan, desc=desc, unit="batch", disable=None), start=1):
         n_questions = len(batch)
         if static:
@@ -286,12 +287,28 @@ def generate_texts(
             new = _generate_batch(model, ids, mask, max_new_tokens, pad_id, eos_ids, progress, extra)
         for row, i in enumerate(batch[:n_questions]):
             out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+        generated += new_token_count(new[:n_questions], eos_ids)
         # A line per batch: without a terminal the progress bar is off.
         log.info("%s: batch %d/%d (%d questions, %d new tokens%s) done, %.0f s so far", desc, k, len(plan),
                  n_questions, int(new.shape[1]),
                  f", cache {cache_len}" if static else "", time.monotonic() - started)
+    seconds = time.monotonic() - started
+    log.info("%s: %d new tokens in %.1f s, %.0f tokens/s", desc, generated, seconds, generated / max(seconds, 1e-9))
     _log_peak_memory(desc, next(model.parameters()).device)
     return out
+
+
+def new_token_count(new: Any, eos_ids: list[int]) -> int:
+    """Tokens generated in a ``[rows, steps]`` block: each row's up to and including its first
+    EOS (the padding after it was not generated), or all of them."""
+    import torch
+
+    steps = new.shape[1]
+    if steps == 0 or new.shape[0] == 0:
+        return 0
+    is_eos = torch.isin(new, torch.tensor(eos_ids, dtype=new.dtype, device=new.device))
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, steps)
+    return int(first.sum())
 
 
 def _log_peak_memory(desc: str, device: Any) -> None:
