@@ -1,3 +1,6 @@
+"""What the generation loop reports about the tokens it generated."""
+
+from __future__ import annotations
 
 
 def test_new_token_count_stops_at_each_rows_first_eos() -> None:
