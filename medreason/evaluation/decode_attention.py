@@ -14,12 +14,12 @@ where it can be (``head_split``: Phi-2's 80 as 64 + 16) rather than padded to th
 of two with masked lanes. tests/test_decode_attention.py checks the kernel under Triton's CPU
 interpreter (``TRITON_INTERPRET=1``).
 
-It is ``eval.decode_attention: triton``, not the default: on an H200 it is slower than SDPA's
-cuDNN kernel (bench/RESULTS.md, third round: 0.67 ms against 0.43 ms for one Phi-2 layer of a
-192-row batch, ~2.0 against ~3.0 TB/s of in-range keys and values; 106 s against 81 s for the
-MedQA file), and splitting the rows over more programs did not help. Not profiled further; the
-likely costs are the work per loaded tile (the 80-wide head padded to 128 lanes, a reduction per
-row) rather than the memory traffic. bench/decode_attention.py measures any change against SDPA.
+It is the default decode attention (``eval.decode_attention: triton``; ``sdpa`` the switch
+back). On an H200 (bench/RESULTS.md, fourth round), one Phi-2 layer of a 192-row batch: 0.37 ms
+at best (~3.5 TB/s of in-range keys and values) against 0.47 ms for SDPA as PyTorch picks it
+(cuDNN, which also reads the masked positions); the first version of this kernel (one ``while``
+loop, the head padded to 128 lanes, 2 warps) took 0.67 ms. With one warp per program a block's
+loads keep few registers, so many programs share an SM and hide the memory latency.
 It gives the tokens of the SDPA path up to float rounding (it sums in another order).
 """
 
