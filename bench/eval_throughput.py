@@ -42,8 +42,8 @@ def main() -> int:
                     "graphs:sdpa / graphs:triton picks eval.decode_attention; graphs:sdpa@K1,K2 runs it "
                     "with MEDREASON_DECODE_SDPA=K1,K2 (SDPA's kernels)")
     ap.add_argument("--file-new-tokens", type=int, default=512, help="new tokens for the bandwidth limit")
-    ap.add_argument("--file-batch-size", type=int, default=192, help="eval.batch_size for the bandwidth limit")
-    ap.add_argument("--file-max-batch-tokens", type=int, default=196608,
+    ap.add_argument("--file-batch-size", type=int, default=320, help="eval.batch_size for the bandwidth limit")
+    ap.add_argument("--file-max-batch-tokens", type=int, default=327680,
                     help="eval.max_batch_tokens for the bandwidth limit (bench/eval_medqa.yaml's)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--traffic-only", action="store_true",

@@ -379,14 +379,12 @@ class PendingEncoding:
     and encoding overlap for real."""
 
     def __init__(self, tokenizer: Any, requests: Sequence[tuple[str, str]]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+        from medreason.background import in_background
 
         self.tokenizer = tokenizer
         self.requests = list(requests)
         self._started = time.monotonic()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="loglik-encode")
-        self._future = self._pool.submit(self._run)
-        self._pool.shutdown(wait=False)  # the thread ends with its one task
+        self._future = in_background("loglik-encode", self._run)
 
     def _run(self) -> list[tuple[list[int], list[int]]]:
         pairs = _encode_pairs(self.tokenizer, self.requests)

@@ -175,12 +175,9 @@ class _Ahead:
     @classmethod
     def start(cls, tokenizer: Any, sets: dict[str, list[dict[str, Any]]], template: str,
               mine: list[tuple[str, int]]) -> _Ahead:
-        from concurrent.futures import ThreadPoolExecutor
+        from medreason.background import in_background
 
-        pool = ThreadPoolExecutor(1, thread_name_prefix="prompt-encode")
-        future = pool.submit(_prompts_and_ids, tokenizer, sets, template, mine)
-        pool.shutdown(wait=False)  # the thread ends with its one task
-        return cls(tokenizer, list(mine), future)
+        return cls(tokenizer, list(mine), in_background("prompt-encode", _prompts_and_ids, tokenizer, sets, template, mine))
 
 
 def _generate_rows(mut: InferenceModel, sets: dict[str, list[dict[str, Any]]], template: str, ecfg: Any,
