@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import fsspec
 
 from medreason import jsonio, testhooks
-from medreason.errors import InputError, StageConflict, StoreError, StoreUnavailable
+from medreason.errors import InputError, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -854,38 +854,6 @@ def build_manifest(
     # What commit_dir will write (NaN/inf metrics as None), so hashes and comparisons made on
     # this dict match the committed file.
     return jsonio.sanitize(manifest)
-
-
-def check_stage(
-    store: ArtifactStore,
-    run_id: str,
-    stage: str,
-    config_hash: str,
-    inputs: dict[str, str],
-    force: bool,
-) -> dict[str, Any] | None:
-    """Decide whether a stage must run.
-
-    Returns the existing manifest when the stage is committed with the same config and inputs
-    (the caller reports "already done" and exits 0), None when it must run, and raises
-    StageConflict when a committed stage differs and ``force`` is not set.
-    """
-    rel = store.stage_rel(run_id, stage)
-    existing = store.read_manifest(rel)
-    if existing is None:
-        return None
-    same = existing.get("config_hash") == config_hash and existing.get("inputs", {}) == dict(
-        sorted(inputs.items())
-    )
-    if same and not force:
-        return existing
-    if force:
-        return None
-    what = "config" if existing.get("config_hash") != config_hash else "inputs"
-    raise StageConflict(
-        f"{stage} of run {run_id!r} is already committed at {store.display(rel)} with a different "
-        f"{what}; pass --force to redo it, or use a new --run id"
-    )
 
 
 # -- permanent failures ------------------------------------------------------------------------

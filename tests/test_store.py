@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from medreason.errors import InputError, StageConflict
+from medreason.errors import InputError
 from medreason.store import (
     MANIFEST,
     ArtifactStore,
     build_manifest,
-    check_stage,
     manifest_hash,
     model_cache_name,
     redact,
@@ -420,24 +419,6 @@ def test_model_cache_name_is_always_a_valid_segment():
 
 
 # -- stages ------------------------------------------------------------------------------------
-def test_check_stage(store, tmp_path):
-    run, stage = "run-1", "train"
-    assert check_stage(store, run, stage, "h1", {"prepare": "p1"}, force=False) is None
-    committed = store.commit_dir(
-        str(_write_tree(tmp_path / "t", {"a.txt": b"a"})), store.stage_rel(run, stage),
-        build_manifest(stage=stage, run_id=run, config={}, config_hash="h1", inputs={"prepare": "p1"}),
-    )
-    assert check_stage(store, run, stage, "h1", {"prepare": "p1"}, force=False) == committed
-    assert check_stage(store, run, stage, "h1", {"prepare": "p1"}, force=True) is None
-    with pytest.raises(StageConflict, match=r"different config; pass --force .* new --run id"):
-        check_stage(store, run, stage, "h2", {"prepare": "p1"}, force=False)
-    with pytest.raises(StageConflict, match="different inputs"):
-        check_stage(store, run, stage, "h1", {"prepare": "p2"}, force=False)
-    assert check_stage(store, run, stage, "h2", {"prepare": "p2"}, force=True) is None
-    with pytest.raises(InputError):
-        check_stage(store, "../x", stage, "h1", {}, force=False)
-
-
 def test_manifest_hash_is_order_independent():
     a = {"b": 1, "a": {"y": 2, "x": [1, 2]}}
     b = {"a": {"x": [1, 2], "y": 2}, "b": 1}
