@@ -18,8 +18,9 @@ It is the default decode attention (``eval.decode_attention: triton``; ``sdpa`` 
 back). On an H200 (bench/RESULTS.md, fourth round), one Phi-2 layer of a 192-row batch: 0.37 ms
 at best (~3.5 TB/s of in-range keys and values) against 0.47 ms for SDPA as PyTorch picks it
 (cuDNN, which also reads the masked positions); the first version of this kernel (one ``while``
-loop, the head padded to 128 lanes, 2 warps) took 0.67 ms. With one warp per program a block's
-loads keep few registers, so many programs share an SM and hide the memory latency.
+loop, the head padded to 128 lanes, 2 warps) took 0.67 ms. One warp per program made the
+difference (the fastest 2-warp launch: 0.43-0.51 ms); why (fewer registers per program, more
+programs per SM) is a guess, not profiled.
 It gives the tokens of the SDPA path up to float rounding (it sums in another order).
 """
 
@@ -138,8 +139,9 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         for n0 in tl.range(lo, hi, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             ok = n < hi
-            # The block's keys and values are all requested before any arithmetic waits on
-            # them: more bytes in flight per program (the kernel is bound by memory latency).
+            # The block's keys and values are requested before the scores are computed. Measured
+            # on an H200: no faster for the default launch (block 64, 1 warp, 2 splits), slower
+            # for block 32 (bench/RESULTS.md, fourth round).
             k1 = tl.load(k_row + n[:, None] * skn + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
             v1 = tl.load(v_row + n[:, None] * svn + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
             if D2 > 0:
