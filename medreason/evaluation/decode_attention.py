@@ -139,9 +139,8 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         for n0 in tl.range(lo, hi, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             ok = n < hi
-            # The block's keys and values are requested before the scores are computed. Measured
-            # on an H200: no faster for the default launch (block 64, 1 warp, 2 splits), slower
-            # for block 32 (bench/RESULTS.md, fourth round).
+            # Keys and values requested before the scores: on an H200 no faster for the default
+            # launch, slower for block 32 (bench/RESULTS.md, fourth round).
             k1 = tl.load(k_row + n[:, None] * skn + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
             v1 = tl.load(v_row + n[:, None] * svn + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
             if D2 > 0:
