@@ -12,8 +12,8 @@
 # Needs .carry/medqa_test_4opt.jsonl and .carry/phi2-random-tok/ (a tokenizer saved by
 # bench/stage_phi2_random.py; without it the script trains one, ~40 s). Logs and results go to
 # RESULTS_DIR (first argument, default /tmp/bench-results). BENCH_STEPS picks steps (default all:
-# "stage decode-attn eval-medqa eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels
-# eval-bench train"); stage always runs
+# "stage decode-attn eval-medqa decode-profile eval-medqa-sdpa eval-medqa-plain loglik
+# eval-medqa-kernels eval-bench train"); stage always runs
 # first when named. EVAL_PATHS: eval-bench's --paths; DECODE_SDPA: eval-medqa-kernels' kernels.
 #   bash bench/device_run.sh /tmp/bench-results
 #   BENCH_STEPS="stage eval-medqa" bash bench/device_run.sh /tmp/bench-results
@@ -24,7 +24,7 @@ STORE="${BENCH_STORE:-/tmp/bench-store}"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-STEPS=" ${BENCH_STEPS:-stage decode-attn eval-medqa eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
+STEPS=" ${BENCH_STEPS:-stage decode-attn eval-medqa decode-profile eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
 read -r -a VARIANTS <<<"${TRAIN_VARIANTS:-bf16=phi2-bf16}"
 read -r -a EVAL_PATH_LIST <<<"${EVAL_PATHS:-none graphs}"
 
@@ -60,6 +60,9 @@ if [[ -z "${MEDREASON_DECODE_KERNEL:-}" && -f "$RES/decode_attention.json" ]]; t
     echo "== MEDREASON_DECODE_KERNEL=$MEDREASON_DECODE_KERNEL"
 fi
 evaluate eval-medqa 180
+# Per-step cost of each planned batch and a kernel profile of one batch's decode steps.
+TAIL_LINES=60 step decode-profile 240 python3 bench/decode_profile.py --store "$STORE" \
+    --bench .carry/medqa_test_4opt.jsonl --out "$RES"
 evaluate eval-medqa-sdpa 180 --set eval.decode_attention=sdpa
 evaluate eval-medqa-plain 200 --set eval.compile=none
 evaluate loglik 100 --set eval.scoring=loglikelihood
