@@ -12,8 +12,8 @@
 # Needs .carry/medqa_test_4opt.jsonl and .carry/phi2-random-tok/ (a tokenizer saved by
 # bench/stage_phi2_random.py; without it the script trains one, ~40 s). Logs and results go to
 # RESULTS_DIR (first argument, default /tmp/bench-results). BENCH_STEPS picks steps (default all:
-# "stage decode-attn eval-medqa decode-profile eval-medqa-sdpa eval-medqa-plain loglik
-# eval-medqa-kernels eval-bench train"); stage always runs
+# "stage gpu-tests decode-attn eval-medqa eval-medqa-unfused decode-profile eval-medqa-sdpa
+# eval-medqa-plain loglik eval-medqa-kernels eval-bench train"); stage always runs
 # first when named. EVAL_PATHS: eval-bench's --paths; DECODE_SDPA: eval-medqa-kernels' kernels.
 #   bash bench/device_run.sh /tmp/bench-results
 #   BENCH_STEPS="stage eval-medqa" bash bench/device_run.sh /tmp/bench-results
@@ -24,7 +24,7 @@ STORE="${BENCH_STORE:-/tmp/bench-store}"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-STEPS=" ${BENCH_STEPS:-stage decode-attn eval-medqa decode-profile eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
+STEPS=" ${BENCH_STEPS:-stage gpu-tests decode-attn eval-medqa eval-medqa-unfused decode-profile eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
 read -r -a VARIANTS <<<"${TRAIN_VARIANTS:-bf16=phi2-bf16}"
 read -r -a EVAL_PATH_LIST <<<"${EVAL_PATHS:-none graphs}"
 
@@ -51,6 +51,8 @@ evaluate() { # usage: evaluate NAME LIMIT [--set k=v ...]: the job on the MedQA 
         --name "$name" --force "$@"
     cp "$STORE/runs/bench/evaluate/$name/MANIFEST.json" "$RES/$name-manifest.json" 2>/dev/null
 }
+# The kernel tests that also run on a GPU (bf16 bit-identity of the fused rotary), if pytest is there.
+step gpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py -k "rotary_cache"
 TAIL_LINES=40 step decode-attn 150 python3 bench/decode_attention.py --out "$RES"
 # The evaluate runs take the kernel launch parameters measured fastest, unless set.
 if [[ -z "${MEDREASON_DECODE_KERNEL:-}" && -f "$RES/decode_attention.json" ]]; then
@@ -60,6 +62,8 @@ if [[ -z "${MEDREASON_DECODE_KERNEL:-}" && -f "$RES/decode_attention.json" ]]; t
     echo "== MEDREASON_DECODE_KERNEL=$MEDREASON_DECODE_KERNEL"
 fi
 evaluate eval-medqa 180
+# The decode as it was before the fused rotary + cache write and the prefill in row groups.
+(export MEDREASON_DECODE_FUSED=0 MEDREASON_PREFILL_CHUNKS=0; evaluate eval-medqa-unfused 180)
 # Per-step cost of each planned batch and a kernel profile of one batch's decode steps.
 TAIL_LINES=60 step decode-profile 240 python3 bench/decode_profile.py --store "$STORE" \
     --bench .carry/medqa_test_4opt.jsonl --out "$RES"

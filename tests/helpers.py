@@ -125,3 +125,19 @@ def make_tiny_phi(out_dir: str | Path, seed: int = 0, chat_template: bool = Fals
 if __name__ == "__main__":
     target = sys.argv[1] if len(sys.argv) > 1 else "tiny-phi"
     print(make_tiny_phi(target))
+
+
+def tiny_phi_batch(model_dir: str | Path, prompts: list[str]):  # noqa: ANN201
+    """(model, tokenizer, ids, mask): the tiny Phi of ``model_dir`` in float32 (eval mode) and
+    ``prompts`` as a left-padded batch, as the evaluate job pads one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medreason.evaluation.generation import _left_padded
+    from medreason.tokenizer import prepare_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+    ids, mask = _left_padded([tok(t, add_special_tokens=False)["input_ids"] for t in prompts],
+                             list(range(len(prompts))), tok.pad_token_id)
+    return model, tok, ids, mask

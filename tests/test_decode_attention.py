@@ -22,7 +22,6 @@ pytest.importorskip("triton")
 
 from medreason.evaluation import decode_attention as da  # noqa: E402
 from medreason.evaluation.decoding import greedy_static, kernel_rows  # noqa: E402
-from medreason.evaluation.generation import _left_padded  # noqa: E402
 
 PROMPTS = ["A 45-year-old man presents with crushing chest pain radiating to the left arm",
            "Fever", "A child with a barking cough and stridor at night", "Jaundice and dark urine"]
@@ -30,7 +29,7 @@ PROMPTS = ["A 45-year-old man presents with crushing chest pain radiating to the
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 process")
-KERNEL_TESTS = 7  # the tests marked ``interpreter`` (parametrized cases counted)
+KERNEL_TESTS = 10  # the tests marked ``interpreter`` (parametrized cases counted)
 
 
 def _interpreter_loop_bounds() -> None:
@@ -160,16 +159,9 @@ def test_rows_fall_back_to_sdpa_off_a_gpu(monkeypatch, caplog) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_phi_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from helpers import tiny_phi_batch
 
-    from medreason.tokenizer import prepare_tokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_phi_dir, dtype=torch.float32).eval()
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_phi_dir))
-    ids, mask = _left_padded([tok(t, add_special_tokens=False)["input_ids"] for t in PROMPTS],
-                             list(range(len(PROMPTS))), tok.pad_token_id)
-    return model, tok, ids, mask
+    return tiny_phi_batch(tiny_phi_dir, PROMPTS)
 
 
 @interpreter
@@ -190,6 +182,74 @@ def test_decode_loop_with_the_kernel_gives_the_sdpa_path_tokens(tiny) -> None:
     ref = greedy_static(model, ids, mask, new, cache_len, tok.pad_token_id, eos, bucket_tokens=4, attention="sdpa")
     assert torch.equal(got, ref)
     assert bool((got[1, 3:] == tok.pad_token_id).all())
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not INTERPRETED and not _cuda(), reason="runs in the TRITON_INTERPRET=1 process, or on a GPU")
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_kernel_rotary_cache_write_is_bit_identical_to_transformers(dtype_name: str) -> None:
+    import torch
+    from transformers.models.phi.modeling_phi import apply_rotary_pos_emb
+
+    from medreason.evaluation.decode_rotary import rotary_cache_write
+
+    torch.manual_seed(0)
+    dtype, device = getattr(torch, dtype_name), "cpu" if INTERPRETED else "cuda"
+    rows, heads, dim, rot, length = 3, 4, 20, 6, 9  # Phi-2's shape in small: rotary 40% of the head
+    q, k, v = (torch.randn(rows, 1, heads * dim).to(device, dtype) for _ in range(3))
+    angles = torch.cat([torch.randn(rows, 1, rot // 2) * 3] * 2, -1).to(device)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    cache_k, cache_v = (torch.randn(rows, heads, length, dim).to(device, dtype) for _ in range(2))
+    before_k, before_v = cache_k.clone(), cache_v.clone()
+    end = torch.tensor([6], dtype=torch.int32, device=device)
+    got = rotary_cache_write(q, k, v, cos, sin, cache_k, cache_v, end, heads, heads, dim, rot)
+
+    def split(t):  # noqa: ANN001, ANN202 - as PhiAttention.forward shapes a projection
+        return t.view(rows, 1, heads, dim).transpose(1, 2)
+
+    q_rot, k_rot = apply_rotary_pos_emb(split(q)[..., :rot], split(k)[..., :rot], cos, sin)
+    want_q = torch.cat([q_rot, split(q)[..., rot:]], -1)
+    want_k = torch.cat([k_rot, split(k)[..., rot:]], -1)
+    assert got.shape == (rows, heads, 1, dim) and got.dtype == dtype
+    assert torch.equal(cache_v[:, :, 5:6], split(v))
+    if INTERPRETED and dtype == torch.bfloat16:
+        # The interpreter casts float32 to bfloat16 by truncation (a GPU rounds to nearest even,
+        # as PyTorch does), three times per element: a few bf16 units of the inputs' size (~4)
+        # apart. float32 above shows the arithmetic exact; the GPU run shows bf16 bit-identical.
+        ulp = dict(atol=0.05, rtol=0.02)
+        torch.testing.assert_close(got, want_q, **ulp)
+        torch.testing.assert_close(cache_k[:, :, 5:6], want_k, **ulp)
+    else:
+        assert torch.equal(got, want_q)
+        assert torch.equal(cache_k[:, :, 5:6], want_k)
+    others = [i for i in range(length) if i != 5]  # nothing else written
+    assert torch.equal(cache_k[:, :, others], before_k[:, :, others])
+    assert torch.equal(cache_v[:, :, others], before_v[:, :, others])
+
+
+@interpreter
+def test_decode_loop_with_the_fused_rotary_kernel_gives_the_unfused_tokens(tiny, monkeypatch) -> None:
+    import torch
+
+    from medreason.evaluation import decode_rotary
+
+    model, tok, ids, mask = tiny
+    new, cache_len = 10, ids.shape[1] + 12
+    calls = []
+    real = decode_rotary.rotary_cache_write
+    monkeypatch.setattr(decode_rotary, "rotary_cache_write", lambda *a: calls.append(1) or real(*a))
+    fused = greedy_static(model, ids, mask, new, cache_len, tok.pad_token_id, [], attention="triton")
+    assert len(calls) == (new - 1) * model.config.num_hidden_layers  # every decode step, every layer
+    monkeypatch.setenv(decode_rotary.FUSED_ENV, "0")
+    unfused = greedy_static(model, ids, mask, new, cache_len, tok.pad_token_id, [], attention="triton")
+    assert len(calls) == (new - 1) * model.config.num_hidden_layers  # switched off: not called again
+    assert torch.equal(fused, unfused)
+    assert not any("forward" in vars(m) for m in model.modules())  # the modules' own forward restored
 
 
 def test_decode_attention_is_a_config_field_hashed_as_absent_at_its_default() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medreason.evaluation.decoding import PrefixCacheView, bucket_length, greedy_static, plain_greedy_only
-from medreason.evaluation.generation import _generate_batch, _left_padded, _Progress, decode_path
+from medreason.evaluation.generation import _generate_batch, _Progress, decode_path
 
 PROMPTS = ["A 45-year-old man presents with crushing chest pain radiating to the left arm",
            "Fever", "A child with a barking cough and stridor at night", "Jaundice and dark urine"]
@@ -20,16 +20,10 @@ PROMPTS = ["A 45-year-old man presents with crushing chest pain radiating to the
 @pytest.fixture(scope="module")
 def tiny(tiny_phi_dir: Path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from medreason.tokenizer import prepare_tokenizer
+    from helpers import tiny_phi_batch
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_phi_dir, dtype=torch.float32).eval()
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_phi_dir))
-    ids, mask = _left_padded([tok(t, add_special_tokens=False)["input_ids"] for t in PROMPTS],
-                             list(range(len(PROMPTS))), tok.pad_token_id)
-    return model, tok, ids, mask
+    return tiny_phi_batch(tiny_phi_dir, PROMPTS)
 
 
 def _reference(model, tok, ids, mask, new: int, eos: list[int], cache_len: int, monkeypatch):  # noqa: ANN001, ANN202

@@ -256,30 +256,45 @@ def attention_implementation(model: Any, name: str | None) -> Any:
         model.set_attn_implementation(before)
 
 
+@contextlib.contextmanager
+def _fused_layers(model: Any, kernel: bool) -> Any:
+    """decode_rotary's fused attention forward for the block, with the kernel path only."""
+    if not kernel:
+        yield
+        return
+    from medreason.evaluation.decode_rotary import FUSED_ENV, fused_phi_decode
+
+    with fused_phi_decode(model) as fused:
+        log.debug("decode: %d attention layer(s) with the fused rotary + cache write (%s=0: off)", fused, FUSED_ENV)
+        yield
+
+
 def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, cache: Any, view: PrefixCacheView, pad_id: int,
             eos_ids: list[int], bucket_tokens: int, cuda_graphs: bool,
             on_progress: Callable[[int, Any], None] | None, starts: Any) -> Any:
     import torch
 
     from medreason.evaluation import decode_attention
+    from medreason.evaluation.prefill import prefill
 
     rows, width = ids.shape
     cache_len = view.length
     eos = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
     with torch.inference_mode():
-        # The prefill is generate()'s own first call: whole cache, 2-D mask, pads at position 0.
+        # The prefill: generate()'s own first call (2-D mask, pads at position 0), run per group
+        # of rows of similar length (medreason/evaluation/prefill.py).
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits
-        first = logits[:, -1].argmax(dim=-1)
+        first = prefill(model, ids, mask, positions, cache).argmax(dim=-1)
         state = _StepState(first, positions, mask, cache_len, starts)
         out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
         out[:, 0] = first
         unfinished = ~torch.isin(first, eos)
         steps = _Steps(lambda n: _forward_step(model, cache, view, state, n), cuda_graphs)
         done = 1
-        # The prefill above ran the model's own attention; the steps run the kernel's.
-        with attention_implementation(model, None if starts is None else decode_attention.register()):
+        # The prefill above ran the model's own attention; the steps run the kernel's, with
+        # the rotary embedding and the cache write fused where the model is Phi (decode_rotary).
+        with attention_implementation(model, None if starts is None else decode_attention.register()), \
+                _fused_layers(model, starts is not None):
             while done < max_new_tokens:
                 if done % FINISHED_CHECK_STEPS == 0 and not bool(unfinished.any()):
                     break

@@ -289,7 +289,7 @@ def generate_texts(
             out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
         generated += new_token_count(new[:n_questions], eos_ids)
         # A line per batch: without a terminal the progress bar is off.
-        log.info("%s: batch %d/%d (%d questions, %d new tokens%s) done, %.0f s so far", desc, k, len(plan),
+        log.info("%s: batch %d/%d (%d questions, %d new tokens%s) done, %.1f s so far", desc, k, len(plan),
                  n_questions, int(new.shape[1]),
                  f", cache {cache_len}" if static else "", time.monotonic() - started)
     seconds = time.monotonic() - started
