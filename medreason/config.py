@@ -133,6 +133,13 @@ class TrainConfig(_Section):
         "adapter weights, their gradients and the optimizer state kept in float32; 'float32': PEFT's own "
         "path, which casts the activations up to the float32 adapter weights.",
     )
+    lora_fused: bool = Field(
+        True,
+        description="With lora_compute_dtype=base on a plain (not quantized) base: each adapter's B product "
+        "is accumulated into the base projection's output by the matrix product itself (addmm), and "
+        "Phi's q/k/v/fc1 adapters, which read one LayerNorm output, run their A products as one. "
+        "Same numbers up to float rounding; false: PEFT's own LoRA forward.",
+    )
     seed: int = 42
     eval_every_steps: int = Field(25, ge=1)
     eval_max_batches: int | None = Field(None, ge=1)
@@ -307,6 +314,7 @@ HASHED_AS_ABSENT_AT: dict[tuple[str, str], object] = {
     ("eval", "fused_activation"): True,  # same formula as gelu_new, float rounding apart
     ("train", "lora_compute_dtype"): "float32",  # PEFT's float32 adapter products, as before
     ("train", "attention_in_graph"): True,  # the same kernels: numbers up to float rounding
+    ("train", "lora_fused"): True,  # PEFT's LoRA numbers up to float rounding
 }
 _UNSET = object()
 

@@ -210,6 +210,12 @@ def _load_peft_model(cfg: Config, store: ArtifactStore, acc: Any, layout: Layout
     model = modeling.apply_lora(base, cfg.lora, targets)
     # Before any wrapping (FSDP, compile): the module classes it swaps are captured by them.
     lora_compute.apply_lora_compute_dtype(model, tc.lora_compute_dtype)
+    if tc.lora_fused:
+        from medreason.lora_fused import fuse_lora
+
+        fused, shared = fuse_lora(model)
+        log.info("LoRA: %d adapted layer(s) on the fused forward, %d decoder layer(s) sharing one A product "
+                 "(train.lora_fused)", fused, shared)
     trainable, total = modeling.count_parameters(model)
     log.info("model: %s (%s, attention %s), LoRA r=%d on %s: %s trainable of %s parameters (%.3f%%), "
              "loaded in %.1f s", type(base).__name__, str(dtype).replace("torch.", ""), attn_impl,
