@@ -29,7 +29,7 @@ PROMPTS = ["A 45-year-old man presents with crushing chest pain radiating to the
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 process")
-KERNEL_TESTS = 10  # the tests marked ``interpreter`` (parametrized cases counted)
+KERNEL_TESTS = 11  # the tests marked ``interpreter`` (parametrized cases counted)
 
 
 def _interpreter_loop_bounds() -> None:
@@ -250,6 +250,37 @@ def test_decode_loop_with_the_fused_rotary_kernel_gives_the_unfused_tokens(tiny,
     assert len(calls) == (new - 1) * model.config.num_hidden_layers  # switched off: not called again
     assert torch.equal(fused, unfused)
     assert not any("forward" in vars(m) for m in model.modules())  # the modules' own forward restored
+
+
+@interpreter
+def test_kernel_warm_up_launches_each_decode_kernel_once(monkeypatch) -> None:
+    from medreason.evaluation import decode_attention, decode_rotary, warmup
+
+    seen = []
+    for module, name in ((decode_attention, "decode_attention"), (decode_rotary, "rotary_cache_write")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: seen.append(name) or real(*a))
+    shapes = warmup.kernel_shapes({"num_attention_heads": 4, "hidden_size": 64, "partial_rotary_factor": 0.4})
+    assert shapes == {"heads": 4, "kv_heads": 4, "head_dim": 16, "rotary": 6}
+    warmup.warm(shapes, "float32", "cpu")
+    assert seen == ["rotary_cache_write", "decode_attention"]
+
+
+def test_warm_up_shapes_from_configs_and_where_it_does_not_start(tmp_path: Path) -> None:
+    from medreason.config import build_config
+    from medreason.evaluation import warmup
+    from medreason.evaluation.stage import Dist, _warm_decode_kernels
+
+    phi2 = {"num_attention_heads": 32, "num_key_value_heads": 32, "hidden_size": 2560,
+            "rope_parameters": {"partial_rotary_factor": 0.4, "rope_theta": 10000.0}}
+    assert warmup.kernel_shapes(phi2) == {"heads": 32, "kv_heads": 32, "head_dim": 80, "rotary": 32}
+    llama = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "head_dim": 64}
+    assert warmup.kernel_shapes(llama) == {"heads": 9, "kv_heads": 3, "head_dim": 64, "rotary": 64}
+    assert warmup.start(str(tmp_path), "torch.bfloat16") is None  # no config.json: nothing to warm
+    import torch
+
+    cfg = build_config(preset="demo", env={})
+    assert _warm_decode_kernels(None, cfg, Dist(device=torch.device("cpu"))) is None  # no GPU: no helper
 
 
 def test_decode_attention_is_a_config_field_hashed_as_absent_at_its_default() -> None:

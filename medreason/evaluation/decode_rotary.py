@@ -11,9 +11,11 @@ query's and key's first ``rotary`` dimensions (neox-style, as ``apply_rotary_pos
 the key and value into the cache at the step's position, and returns the rotated query.
 
 The arithmetic is the reference's, rounding for rounding: each product is rounded to the
-activations' dtype before the sum, as transformers' bf16 ops do, so the query and the cached key
-are bit-identical to the unfused path's (tests/test_decode_attention.py, under Triton's CPU
-interpreter). ``phi_decode_forward`` is the attention module's forward for decode steps with the
+activations' dtype before the sum, as transformers' bf16 ops do, and on a GPU the products and
+the sum are libdevice's ``mul_rn`` / ``add_rn``, which the compiler may not fuse into an FMA (a
+first version, with plain ``*`` and ``+``, was one bf16 unit off in places on an H200). So the
+query and the cached key are bit-identical to the unfused path's: tests/test_decode_attention.py
+checks float32 under Triton's CPU interpreter and float32 and bf16 on a GPU. ``phi_decode_forward`` is the attention module's forward for decode steps with the
 decode attention kernel (``decode_rows`` passed through the model call); any other call (the
 prefill) runs the module's own forward. ``MEDREASON_DECODE_FUSED=0`` switches back to the
 unfused path.
@@ -43,11 +45,13 @@ def _kernel(interpret: bool) -> Any:
     """The jitted kernel, built on first use (Triton reads TRITON_INTERPRET when it jits)."""
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     def rotary_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, end_ptr,
                             s_q, s_k, s_v, s_c, s_kcb, s_kch, s_kcn, s_vcb, s_vch, s_vcn,
                             HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            ROT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                            ROT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                            EXACT: tl.constexpr):
         row = tl.program_id(0)
         h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
@@ -65,17 +69,27 @@ def _kernel(interpret: bool) -> Any:
         base = q_ptr + row * s_q + h[:, None] * HEAD_DIM
         x = tl.load(base + d[None, :], mask=q_ok, other=0.0)
         xp = tl.load(base + partner[None, :], mask=q_ok & rot[None, :], other=0.0)
-        a = (x.to(tl.float32) * cos[None, :]).to(dtype)
-        b = ((sign * xp.to(tl.float32)) * sin[None, :]).to(dtype)
-        x = tl.where(rot[None, :], (a.to(tl.float32) + b.to(tl.float32)).to(dtype), x)
+        if EXACT:  # each product and the sum rounded on its own, never fused into an FMA
+            a = libdevice.mul_rn(x.to(tl.float32), cos[None, :]).to(dtype)
+            b = libdevice.mul_rn(sign * xp.to(tl.float32), sin[None, :]).to(dtype)
+            x = tl.where(rot[None, :], libdevice.add_rn(a.to(tl.float32), b.to(tl.float32)).to(dtype), x)
+        else:  # the interpreter (numpy) rounds every operation anyway and has no libdevice
+            a = (x.to(tl.float32) * cos[None, :]).to(dtype)
+            b = ((sign * xp.to(tl.float32)) * sin[None, :]).to(dtype)
+            x = tl.where(rot[None, :], (a.to(tl.float32) + b.to(tl.float32)).to(dtype), x)
         tl.store(qo_ptr + row * HEADS * HEAD_DIM + h[:, None] * HEAD_DIM + d[None, :], x, mask=q_ok)
         kv_ok = (h[:, None] < KV_HEADS) & (d[None, :] < HEAD_DIM)
         base = k_ptr + row * s_k + h[:, None] * HEAD_DIM
         x = tl.load(base + d[None, :], mask=kv_ok, other=0.0)
         xp = tl.load(base + partner[None, :], mask=kv_ok & rot[None, :], other=0.0)
-        a = (x.to(tl.float32) * cos[None, :]).to(dtype)
-        b = ((sign * xp.to(tl.float32)) * sin[None, :]).to(dtype)
-        x = tl.where(rot[None, :], (a.to(tl.float32) + b.to(tl.float32)).to(dtype), x)
+        if EXACT:  # each product and the sum rounded on its own, never fused into an FMA
+            a = libdevice.mul_rn(x.to(tl.float32), cos[None, :]).to(dtype)
+            b = libdevice.mul_rn(sign * xp.to(tl.float32), sin[None, :]).to(dtype)
+            x = tl.where(rot[None, :], libdevice.add_rn(a.to(tl.float32), b.to(tl.float32)).to(dtype), x)
+        else:  # the interpreter (numpy) rounds every operation anyway and has no libdevice
+            a = (x.to(tl.float32) * cos[None, :]).to(dtype)
+            b = ((sign * xp.to(tl.float32)) * sin[None, :]).to(dtype)
+            x = tl.where(rot[None, :], (a.to(tl.float32) + b.to(tl.float32)).to(dtype), x)
         tl.store(kc_ptr + row * s_kcb + h[:, None] * s_kch + pos * s_kcn + d[None, :], x, mask=kv_ok)
         v = tl.load(v_ptr + row * s_v + h[:, None] * HEAD_DIM + d[None, :], mask=kv_ok, other=0.0)
         tl.store(vc_ptr + row * s_vcb + h[:, None] * s_vch + pos * s_vcn + d[None, :], v, mask=kv_ok)
@@ -115,7 +129,7 @@ def rotary_cache_write(q: Any, k: Any, v: Any, cos: Any, sin: Any, key_cache: An
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, ROT=rotary,
         BLOCK_H=triton.next_power_of_2(max(heads, kv_heads)), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4,
+        EXACT=not interpreted(), num_warps=4,
     )
     return out
 

@@ -265,6 +265,34 @@ def _process_seconds() -> float:
         return float("nan")
 
 
+def _warm_decode_kernels(store: Any, cfg: Any, dist: Dist) -> Any:
+    """Start medreason/evaluation/warmup.py's helper process where the job will decode with the
+    Triton kernels (a GPU, generation, the default decode); None elsewhere. One per machine."""
+    ecfg = cfg.eval
+    device = dist.device
+    if (getattr(device, "type", "cpu") != "cuda" or ecfg.scoring == "loglikelihood" or ecfg.compile != "graphs"
+            or ecfg.decode_attention != "triton" or cfg.model.quantization != "none"
+            or getattr(dist.state, "local_process_index", 0) != 0):
+        return None
+    from medreason.evaluation.decode_attention import kernel_usable
+    from medreason.evaluation.warmup import start
+    from medreason.loading import resolve_dtype
+    from medreason.staging import local_model_dir
+
+    if kernel_usable(device) is not None:
+        return None
+    return start(local_model_dir(store, cfg.model), resolve_dtype(cfg.model.dtype, "cuda"))
+
+
+def _stop(helper: Any) -> None:
+    """End the warm-up helper if it has not ended (stuck, or not needed any more)."""
+    if helper is None:
+        return
+    if helper.poll() is None:
+        helper.kill()
+    helper.wait()
+
+
 def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | None = None,
                  name: str | None = None) -> dict[str, Any]:
     """Score the run's model(s); write predictions.jsonl, metrics.json, report.md and plots.
@@ -284,6 +312,7 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
     log.info("start-up: prepare output and %d question(s) read in %.1f s (%.1f s since the process started)",
              sum(len(r) for r in sets.values()), loading - started, _process_seconds())
     ahead: list[Any] = []
+    helper = _warm_decode_kernels(store, cfg, dist)
     models = load_for_inference(store, run_id, which, cfg, dist.device, compare_base=ecfg.compare_base,
                                 on_tokenizer=_encode_ahead(sets, cfg.data.template, ecfg, dist, ahead))
     if ecfg.fused_activation:
@@ -301,6 +330,7 @@ def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | N
                 with dist.shard(loss_indices) as mine_idx:
                     part = heldout_loss(mut.model, split, max(1, min(ecfg.batch_size, 4)), list(mine_idx))
                 losses[mut.label] = finish_loss(dist.gather([part]))
+    _stop(helper)
     metrics = {
         "run_id": run_id,
         "evaluation": name,
