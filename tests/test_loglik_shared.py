@@ -164,6 +164,7 @@ def test_switch_off_changes_only_the_evaluate_hash() -> None:
     data["train"]["report_to"] = []
     for key in ("loglik_shared_context", "fused_activation", "decode_attention"):  # at their defaults
         del data["eval"][key]
-    del data["train"]["attention_in_graph"]
+    for key in ("attention_in_graph", "lora_fused"):  # at their defaults
+        del data["train"][key]
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     assert base.stage_hash("evaluate") == hashlib.sha256(blob).hexdigest()
