@@ -45,3 +45,16 @@ class StoreError(InputError):
 class StoreUnavailable(Exception):
     """The store did not answer (connection refused, timeout, throttling, 5xx) for the whole
     retry budget (MEDREASON_STORE_RETRY_S). Exit code 1: a later attempt may succeed."""
+
+
+def env_switch(name: str) -> bool:
+    """An on/off environment variable, on when unset: 1/true/yes/on or 0/false/no/off; anything
+    else is an InputError naming the variable (for the switches back to a plain path)."""
+    import os
+
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"{name}={value!r}: expected 1/true/yes/on or 0/false/no/off (default on)")

@@ -19,24 +19,18 @@ copied on the main thread right before its forward. Default: on (1/true/yes/on).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from medreason.errors import InputError
+from medreason.errors import env_switch
 
 PREFETCH_ENV = "MEDREASON_PREFETCH"
 
 
 def prefetch_enabled() -> bool:
     """Whether the training loop prefetches micro-batches (``MEDREASON_PREFETCH``, default on)."""
-    value = os.environ.get(PREFETCH_ENV, "").strip().lower()
-    if value in ("", "1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise InputError(f"{PREFETCH_ENV}={value!r}: expected 1/true/yes/on or 0/false/no/off (default on)")
+    return env_switch(PREFETCH_ENV)
 
 
 def _bind_device(index: int | None) -> None:

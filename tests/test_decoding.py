@@ -153,3 +153,10 @@ def test_bad_kernel_name_stops_before_the_first_batch(tiny, monkeypatch) -> None
     with pytest.raises(InputError, match="MEDREASON_DECODE_SDPA='cuddn': unknown"):
         decode_path("graphs", True, model)
     assert decode_path("none", True, model) == "generate"  # generate() does not read it
+    monkeypatch.delenv("MEDREASON_DECODE_SDPA")
+    for name in ("MEDREASON_DECODE_FUSED", "MEDREASON_PREFILL_CHUNKS"):  # the switches back, mistyped
+        monkeypatch.setenv(name, "of")
+        with pytest.raises(InputError, match=f"{name}='of': expected 1/true/yes/on or 0/false/no/off"):
+            decode_path("graphs", True, model)
+        monkeypatch.setenv(name, "off")
+        assert decode_path("graphs", True, model) == "graphs"

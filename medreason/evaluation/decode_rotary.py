@@ -4,8 +4,8 @@ transformers' Phi attention spends, per layer and decode step, about fourteen ke
 the q/k/v projections and the attention: slices, ``rotate_half``'s negation and concatenation,
 four products, two sums and two concatenations for the partial rotary embedding, then two
 ``index_copy_`` writes into the static cache. Each works on a few hundred KiB, so each costs a
-launch's worth of time: a kernel profile of a 320-row MedQA decode step on an H200 puts them
-at about a fifth of the step outside the attention itself (bench/RESULTS.md, fifth round).
+launch's worth of time, 32 layers x ~14 launches a step (a kernel profile of 320-row MedQA
+decode steps on an H200, bench/RESULTS.md, fifth round).
 ``rotary_cache_write`` does all of it in one kernel per layer: one program per row rotates the
 query's and key's first ``rotary`` dimensions (neox-style, as ``apply_rotary_pos_emb``), writes
 the key and value into the cache at the step's position, and returns the rotated query.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,8 +35,11 @@ FUSED_ENV = "MEDREASON_DECODE_FUSED"
 
 
 def fused_enabled() -> bool:
-    """False when ``MEDREASON_DECODE_FUSED`` is 0/false/no/off (for measuring the unfused path)."""
-    return os.environ.get(FUSED_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    """False when ``MEDREASON_DECODE_FUSED`` is 0/false/no/off (for measuring the unfused path);
+    another value is an InputError."""
+    from medreason.errors import env_switch
+
+    return env_switch(FUSED_ENV)
 
 
 @functools.cache

@@ -218,10 +218,14 @@ def decode_path(compile_mode: str, static: bool, hf_model: Any) -> str:
         log.warning("generation config sets %s: decoding with transformers' generate()", reason)
         return "generate"
     from medreason.evaluation.decode_attention import launch_params
+    from medreason.evaluation.decode_rotary import fused_enabled
     from medreason.evaluation.decoding import attention_kernels
+    from medreason.evaluation.prefill import chunks_enabled
 
     attention_kernels()  # a bad MEDREASON_DECODE_SDPA stops here, before the first batch
     launch_params()  # and a bad MEDREASON_DECODE_KERNEL
+    fused_enabled()  # MEDREASON_DECODE_FUSED
+    chunks_enabled()  # MEDREASON_PREFILL_CHUNKS
     return "graphs"
 
 

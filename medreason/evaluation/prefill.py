@@ -16,7 +16,6 @@ never attended to. The decode steps then run on the batch cache as before.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 CHUNKS_ENV = "MEDREASON_PREFILL_CHUNKS"
@@ -26,7 +25,10 @@ CHUNK_OVERHEAD_TOKENS = 2048
 
 
 def chunks_enabled() -> bool:
-    return os.environ.get(CHUNKS_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    """False when ``MEDREASON_PREFILL_CHUNKS`` is 0/false/no/off; another value is an InputError."""
+    from medreason.errors import env_switch
+
+    return env_switch(CHUNKS_ENV)
 
 
 def plan_chunks(lengths: list[int], overhead: int = CHUNK_OVERHEAD_TOKENS) -> list[tuple[int, int, int]]:

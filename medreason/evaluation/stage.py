@@ -290,7 +290,9 @@ def _stop(helper: Any) -> None:
         return
     if helper.poll() is None:
         helper.kill()
-    helper.wait()
+    status = helper.wait()
+    if status:
+        log.info("decode kernel warm-up helper ended with status %s (the job compiled what it needed itself)", status)
 
 
 def evaluate_run(store: Any, run_id: str, cfg: Any, out_dir: str, dist: Dist | None = None,

@@ -1,11 +1,11 @@
 """The decode kernels compiled by a helper process while the evaluate job starts up.
 
-Triton compiles a kernel the first time it is launched with a new specialisation (~1 s each on
-the GPU machine's CPU), and a fresh machine or container has an empty cache (``~/.triton/cache``,
+Triton compiles a kernel the first time it is launched with a new specialisation, and a fresh
+machine or container has an empty cache (``~/.triton/cache``,
 or ``TRITON_CACHE_DIR``), so the first decode step of a job paid for all three decode kernels (the
 attention's two and the fused rotary's) while the GPU waited: the first batch of the MedQA
 benchmark took ~5 s longer than its steps and prefill account for (bench/RESULTS.md, fifth
-round). ``start`` runs ``python -m medreason.evaluation.warmup`` beside the job as soon as the
+round; a second job on the same machine, its cache filled, ~2.6 s). ``start`` runs ``python -m medreason.evaluation.warmup`` beside the job as soon as the
 model's shapes are known: it launches each kernel once on a one-row problem of the model's
 head counts, head size, rotary size and dtype, which gives the launches of the job the same
 specialisation (every stride a multiple of 16, the same constants), and Triton writes the
@@ -59,7 +59,8 @@ def warm(shapes: dict[str, int], dtype_name: str, device: str) -> None:
 
 def start(model_dir: str, dtype: Any) -> subprocess.Popen[bytes] | None:
     """The helper process for the model in ``model_dir`` (its config.json), or None where the
-    shapes cannot be read; its output goes to this process's stderr."""
+    shapes cannot be read. Its output is discarded: whatever it fails on, the job compiles the
+    kernels itself (the stage logs the helper's exit status)."""
     try:
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
             shapes = kernel_shapes(json.load(fh))
@@ -68,7 +69,7 @@ def start(model_dir: str, dtype: Any) -> subprocess.Popen[bytes] | None:
         return None
     name = str(dtype).replace("torch.", "")
     return subprocess.Popen([sys.executable, "-m", "medreason.evaluation.warmup", json.dumps(shapes), name],
-                            stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main(argv: list[str]) -> int:
