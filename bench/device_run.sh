@@ -7,13 +7,14 @@
 #      decode (eval-medqa: CUDA graphs, the Triton decode attention), with SDPA's attention instead
 #      (eval-medqa-sdpa), transformers' generate() (eval-medqa-plain), likelihood scoring (loglik)
 #   4. evaluate's decode paths side by side on the same prompts, and the file's bandwidth limit
-#   5. `bench/train_throughput.py` on TRAIN_VARIANTS (default: phi2-bf16), with a profile of the
+#   5. the packed training attention's kernels alone (train-attn), then
+#      `bench/train_throughput.py` on TRAIN_VARIANTS (default: phi2-bf16), with a profile of the
 #      last steps of each
 # Needs .carry/medqa_test_4opt.jsonl and .carry/phi2-random-tok/ (a tokenizer saved by
 # bench/stage_phi2_random.py; without it the script trains one, ~40 s). Logs and results go to
 # RESULTS_DIR (first argument, default /tmp/bench-results). BENCH_STEPS picks steps (default all:
 # "stage gpu-tests decode-attn eval-medqa eval-medqa-unfused decode-profile eval-medqa-sdpa
-# eval-medqa-plain loglik eval-medqa-kernels eval-bench train"); stage always runs
+# eval-medqa-plain loglik eval-medqa-kernels eval-bench train-attn train"); stage always runs
 # first when named. EVAL_PATHS: eval-bench's --paths; DECODE_SDPA: eval-medqa-kernels' kernels.
 #   bash bench/device_run.sh /tmp/bench-results
 #   BENCH_STEPS="stage eval-medqa" bash bench/device_run.sh /tmp/bench-results
@@ -24,7 +25,7 @@ STORE="${BENCH_STORE:-/tmp/bench-store}"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-STEPS=" ${BENCH_STEPS:-stage gpu-tests decode-attn eval-medqa eval-medqa-unfused decode-profile eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench train} "
+STEPS=" ${BENCH_STEPS:-stage gpu-tests decode-attn eval-medqa eval-medqa-unfused decode-profile eval-medqa-sdpa eval-medqa-plain loglik eval-medqa-kernels eval-bench train-attn train} "
 read -r -a VARIANTS <<<"${TRAIN_VARIANTS:-bf16=phi2-bf16}"
 read -r -a EVAL_PATH_LIST <<<"${EVAL_PATHS:-none graphs}"
 
@@ -76,6 +77,8 @@ evaluate loglik 100 --set eval.scoring=loglikelihood
 step eval-bench 180 python3 bench/eval_throughput.py --store "$STORE" --bench .carry/medqa_test_4opt.jsonl \
     --prompts 384 --naive-prompts 0 --max-new-tokens 128 --batch-size 192 --max-batch-tokens 196608 \
     --paths "${EVAL_PATH_LIST[@]}" --out "$RES"
+# The packed training attention alone: FlashAttention-2 against cuDNN's ragged kernel.
+TAIL_LINES=20 step train-attn 120 python3 bench/train_attention.py --out "$RES"
 vargs=()
 for v in "${VARIANTS[@]}"; do vargs+=(--variant "$v"); done
 step train "${TRAIN_LIMIT:-420}" python3 bench/train_throughput.py --store "$STORE" --run bench --steps "${TRAIN_STEPS:-18}" \

@@ -7,9 +7,16 @@ H200 puts the adapters' small products at about a tenth of the kernel time (84 o
 steps in the profile of the fifth round's first call, at a8ec393). Two changes, for layers whose products run in the activations' dtype
 (``train.lora_compute_dtype: base``) on a plain ``nn.Linear`` base, without LoRA dropout:
 
-1. The B product is accumulated by the matrix product itself, ``addmm(base(x), h, (scaling *
-   B)^T)``: cuBLAS reads base(x) as its C operand, so the [tokens, out] product is never written
-   and read back, and the scaling goes onto the [out, r] weight instead of the product.
+1. The B product is accumulated by the matrix product itself, ``base(x).addmm_(h, (scaling *
+   B)^T)``: cuBLAS reads base(x) as its C operand and writes the sum over it, so the [tokens, out]
+   product is never written and read back, and the scaling goes onto the [out, r] weight instead
+   of the product. In place, because an out-of-place ``addmm`` first copies its C operand into
+   the result (a device-to-device copy of every adapted projection's output: 22.3 ms of 787 ms of
+   kernel time in a profile of two phi2-bf16 steps on an H200, at d5e6115). The in-place
+   product runs inside one custom op (``LORA_LINEAR_OP``, the base projection and the
+   accumulation, with its backward written out), which torch.compile keeps as one node: a traced
+   in-place op on an intermediate would be functionalized back into the copying form.
+   ``MEDREASON_LORA_INPLACE=0`` runs the out-of-place ``addmm`` instead.
 2. Phi's decoder layer feeds one LayerNorm output to q/k/v and fc1 (attention and MLP run in
    parallel): their four A matrices run as one product of r x 4 columns, computed once in the
    LayerNorm's forward (``SharedA``). The input is read once, and autograd's backward of that one
@@ -80,18 +87,70 @@ class SharedInputLayerNorm(nn.LayerNorm):
         return out
 
 
+# x W^T + bias + h b^T over 2-D x and h, the last product accumulated in place into the first's
+# output (see the module docstring).
+LORA_LINEAR_OP = "medreason::lora_linear"
+
+
+def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+                 b: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, bias).addmm_(h, b.t())
+
+
+def _lora_linear_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, weight, bias, h, b = inputs
+    # The frozen base weight needs no x for its gradient: x is kept only when it has one.
+    ctx.save_for_backward(x if weight.requires_grad else None, weight, h, b)
+    ctx.bias = bias is not None
+
+
+def _lora_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight, h, b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x = grad @ weight if need[0] else None
+    grad_weight = grad.t() @ x if need[1] else None
+    grad_bias = grad.sum(0) if ctx.bias and need[2] else None
+    grad_h = grad @ b if need[3] else None
+    grad_b = grad.t() @ h if need[4] else None
+    return grad_x, grad_weight, grad_bias, grad_h, grad_b
+
+
+_OPS: list[Any] = []
+
+
+def lora_linear_op() -> Any:
+    """LORA_LINEAR_OP, defined on first use (once per process)."""
+    if not _OPS:
+        op = torch.library.custom_op(
+            LORA_LINEAR_OP, mutates_args=(),
+            schema="(Tensor x, Tensor weight, Tensor? bias, Tensor h, Tensor b) -> Tensor")(_lora_linear)
+
+        @op.register_fake
+        def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+              b: torch.Tensor) -> torch.Tensor:
+            return x.new_empty(x.shape[0], weight.shape[0])
+
+        op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
+        _OPS.append(op)
+    return _OPS[0]
+
+
 def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The forward of a fused LoRA layer (the class ``make_fused_class`` builds)."""
     name = self.fused_adapter
     if args or kwargs or self.disable_adapters or self.merged or x.dtype == torch.float16 \
             or list(self.active_adapters) != [name]:
         return super(type(self), self).forward(x, *args, **kwargs)
-    base = self.base_layer(x)
     shared = getattr(self, "shared", None)
     h = shared.take(self, x) if shared is not None else own_a_product(self, x)
+    h = h.reshape(-1, h.shape[-1])
     b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
-    return out.view(base.shape)
+    layer = self.base_layer
+    if self.fused_inplace:
+        out = lora_linear_op()(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias, h, b)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    base = layer(x)
+    return torch.addmm(base.reshape(-1, base.shape[-1]), h, b.t()).view(base.shape)
 
 
 _FUSED_CLASS: dict[type, type] = {}
@@ -147,10 +206,12 @@ def fuse_lora(model: nn.Module) -> tuple[int, int]:
     """Swap every eligible LoRA layer of ``model`` to the fused forward and share the A products
     of Phi's parallel projections; returns (layers fused, decoder layers sharing). Call it after
     lora_compute.apply_lora_compute_dtype and before any wrapping (FSDP, torch.compile)."""
-    fused = 0
+    from medreason.errors import env_switch
+
+    fused, inplace = 0, env_switch("MEDREASON_LORA_INPLACE")
     for module in model.modules():
         if eligible(module):
-            module.fused_adapter = next(iter(module.lora_A))
+            module.fused_adapter, module.fused_inplace = next(iter(module.lora_A)), inplace
             module.__class__ = make_fused_class(type(module))
             fused += 1
     return fused, _share_phi_inputs(model) if fused else 0

@@ -103,3 +103,45 @@ def test_disabled_merged_and_unfusable_adapters_take_peft_paths(tiny_phi_dir: Pa
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
     # PEFT's float32 products (lora_compute_dtype: float32) are left as they are.
     assert lora_fused.fuse_lora(_peft_model(tiny_phi_dir, "float32", "bfloat16")) == (0, 0)
+
+
+def test_lora_linear_op_gradients_and_registration() -> None:
+    """The in-place custom op: its hand-written backward against autograd's numeric gradients
+    (float64, every input trainable, with and without bias), and torch.library's checks of its
+    fake, schema and autograd registration."""
+    import torch
+
+    op = lora_fused.lora_linear_op()
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(bias: bool) -> tuple:
+        shapes = [(5, 6), (4, 6), (4,) if bias else None, (5, 2), (4, 2)]
+        return tuple(None if s is None else torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+                     for s in shapes)
+
+    for bias in (True, False):
+        args = inputs(bias)
+        x, w, c, h, b = args
+        want = x @ w.t() + (c if bias else 0) + h @ b.t()
+        torch.testing.assert_close(op(*args), want)
+        assert torch.autograd.gradcheck(op, args)
+        torch.library.opcheck(op, args)
+
+
+def test_in_place_accumulation_equals_the_out_of_place_addmm(tiny_phi_dir: Path, monkeypatch) -> None:
+    """MEDREASON_LORA_INPLACE=0 (torch.addmm, which copies the base output first) and the default
+    in-place op give bit-identical float32 losses and adapter weights over training steps."""
+    import torch
+
+    inplace_losses, _ = _train(inplace := _fused(tiny_phi_dir, "float32"), 4)
+    monkeypatch.setenv("MEDREASON_LORA_INPLACE", "0")
+    copying = _fused(tiny_phi_dir, "float32")
+    assert {m.fused_inplace for m in copying.modules() if hasattr(m, "fused_inplace")} == {False}
+    copying_losses, _ = _train(copying, 4)
+    assert inplace_losses == copying_losses
+    for (name, p), (_, q) in zip(inplace.named_parameters(), copying.named_parameters(), strict=True):
+        if p.requires_grad:
+            assert torch.equal(p, q), name
+    monkeypatch.setenv("MEDREASON_LORA_INPLACE", "sometimes")
+    with pytest.raises(Exception, match="MEDREASON_LORA_INPLACE"):
+        _fused(tiny_phi_dir, "float32")
