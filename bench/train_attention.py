@@ -22,22 +22,7 @@ import os
 import sys
 import time
 
-
-def _timed(fn, iters: int) -> float:  # noqa: ANN001
-    """Median milliseconds of ``fn()`` over ``iters`` calls, after a warm-up."""
-    import torch
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+from decode_attention import _timed  # bench/ is the script directory: on sys.path
 
 
 def packed_bounds(rows: int, row_len: int, lo: int, hi: int, seed: int) -> list[int]:
@@ -78,10 +63,10 @@ def cudnn(q, k, v, cu, max_len):  # noqa: ANN001, ANN201
 
     result = forward()
     out, lse, seed, offset = result[0], result[1], result[6], result[7]
-    empty = torch.empty(0, device=q.device, dtype=q.dtype)
 
     def backward(grad):  # noqa: ANN001, ANN202
-        return torch.ops.aten._cudnn_attention_backward(grad, q, k, v, out, lse, seed, offset, empty, cu, cu,
+        # attn_bias is a non-optional Tensor in the schema; None passes as an undefined one.
+        return torch.ops.aten._cudnn_attention_backward(grad, q, k, v, out, lse, seed, offset, None, cu, cu,
                                                         max_len, max_len, 0.0, True)
 
     return forward, backward, out
