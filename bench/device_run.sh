@@ -52,8 +52,10 @@ evaluate() { # usage: evaluate NAME LIMIT [--set k=v ...]: the job on the MedQA 
         --name "$name" --force "$@"
     cp "$STORE/runs/bench/evaluate/$name/MANIFEST.json" "$RES/$name-manifest.json" 2>/dev/null
 }
-# The kernel tests that also run on a GPU (bf16 bit-identity of the fused rotary), if pytest is there.
-step gpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py -k "rotary_cache"
+# The kernel tests that also run on a GPU (bf16 bit-identity of the fused rotary, the residual
+# dropout kernels' masks), if pytest is there.
+step gpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
+    tests/test_residual_dropout.py -k "rotary_cache or cuda_kernel"
 TAIL_LINES=40 step decode-attn 150 python3 bench/decode_attention.py --out "$RES"
 # The evaluate runs take the kernel launch parameters measured fastest, unless set.
 if [[ -z "${MEDREASON_DECODE_KERNEL:-}" && -f "$RES/decode_attention.json" ]]; then

@@ -90,15 +90,23 @@ class SharedInputLayerNorm(nn.LayerNorm):
 # x W^T + bias + h b^T over 2-D x and h, the last product accumulated in place into the first's
 # output (see the module docstring).
 LORA_LINEAR_OP = "medreason::lora_linear"
+INPLACE_ENV = "MEDREASON_LORA_INPLACE"  # =0: the out-of-place addmm (copies the base output)
+ADAPTER_FIRST_ENV = "MEDREASON_LORA_ADAPTER_FIRST"  # =0: the base product first, then h b^T added
 
 
 def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
-                 b: torch.Tensor) -> torch.Tensor:
+                 b: torch.Tensor, adapter_first: bool) -> torch.Tensor:
+    if adapter_first:
+        # The rank-r product (with the bias) writes the output, then the base product adds
+        # itself to it: cuBLAS reads that C operand in the large product's epilogue, so no
+        # separate pass reads and rewrites the [tokens, out] output.
+        out = torch.addmm(bias, h, b.t()) if bias is not None else h @ b.t()
+        return out.addmm_(x, weight.t())
     return F.linear(x, weight, bias).addmm_(h, b.t())
 
 
 def _lora_linear_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    x, weight, bias, h, b = inputs
+    x, weight, bias, h, b, _ = inputs
     # The frozen base weight needs no x for its gradient: x is kept only when it has one.
     ctx.save_for_backward(x if weight.requires_grad else None, weight, h, b)
     ctx.bias = bias is not None
@@ -112,7 +120,7 @@ def _lora_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | 
     grad_bias = grad.sum(0) if ctx.bias and need[2] else None
     grad_h = grad @ b if need[3] else None
     grad_b = grad.t() @ h if need[4] else None
-    return grad_x, grad_weight, grad_bias, grad_h, grad_b
+    return grad_x, grad_weight, grad_bias, grad_h, grad_b, None
 
 
 _OPS: list[Any] = []
@@ -123,11 +131,12 @@ def lora_linear_op() -> Any:
     if not _OPS:
         op = torch.library.custom_op(
             LORA_LINEAR_OP, mutates_args=(),
-            schema="(Tensor x, Tensor weight, Tensor? bias, Tensor h, Tensor b) -> Tensor")(_lora_linear)
+            schema="(Tensor x, Tensor weight, Tensor? bias, Tensor h, Tensor b, bool adapter_first) -> Tensor",
+        )(_lora_linear)
 
         @op.register_fake
         def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
-              b: torch.Tensor) -> torch.Tensor:
+              b: torch.Tensor, adapter_first: bool) -> torch.Tensor:
             return x.new_empty(x.shape[0], weight.shape[0])
 
         op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
@@ -147,7 +156,7 @@ def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)
     layer = self.base_layer
     if self.fused_inplace:
-        out = lora_linear_op()(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias, h, b)
+        out = lora_linear_op()(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias, h, b, self.adapter_first)
         return out.view(*x.shape[:-1], out.shape[-1])
     base = layer(x)
     return torch.addmm(base.reshape(-1, base.shape[-1]), h, b.t()).view(base.shape)
@@ -208,10 +217,11 @@ def fuse_lora(model: nn.Module) -> tuple[int, int]:
     lora_compute.apply_lora_compute_dtype and before any wrapping (FSDP, torch.compile)."""
     from medreason.errors import env_switch
 
-    fused, inplace = 0, env_switch("MEDREASON_LORA_INPLACE")
+    fused, inplace, adapter_first = 0, env_switch(INPLACE_ENV), env_switch(ADAPTER_FIRST_ENV)
     for module in model.modules():
         if eligible(module):
             module.fused_adapter, module.fused_inplace = next(iter(module.lora_A)), inplace
+            module.adapter_first = adapter_first
             module.__class__ = make_fused_class(type(module))
             fused += 1
     return fused, _share_phi_inputs(model) if fused else 0

@@ -216,6 +216,11 @@ def _load_peft_model(cfg: Config, store: ArtifactStore, acc: Any, layout: Layout
         fused, shared = fuse_lora(model)
         log.info("LoRA: %d adapted layer(s) on the fused forward, %d decoder layer(s) sharing one A product "
                  "(train.lora_fused)", fused, shared)
+    from medreason.residual_dropout import ENV, fuse_residual_dropout
+
+    if swapped := fuse_residual_dropout(model):
+        log.info("residual dropout: %d decoder layer(s) sum dropout(attention) + dropout(MLP) + residual "
+                 "in one kernel (%s=0 keeps transformers' layer)", swapped, ENV)
     trainable, total = modeling.count_parameters(model)
     log.info("model: %s (%s, attention %s), LoRA r=%d on %s: %s trainable of %s parameters (%.3f%%), "
              "loaded in %.1f s", type(base).__name__, str(dtype).replace("torch.", ""), attn_impl,

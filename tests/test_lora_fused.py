@@ -120,19 +120,22 @@ def test_lora_linear_op_gradients_and_registration() -> None:
                      for s in shapes)
 
     for bias in (True, False):
-        args = inputs(bias)
-        x, w, c, h, b = args
-        want = x @ w.t() + (c if bias else 0) + h @ b.t()
-        torch.testing.assert_close(op(*args), want)
-        assert torch.autograd.gradcheck(op, args)
-        torch.library.opcheck(op, args)
+        for adapter_first in (True, False):
+            args = (*inputs(bias), adapter_first)
+            x, w, c, h, b, _ = args
+            want = x @ w.t() + (c if bias else 0) + h @ b.t()
+            torch.testing.assert_close(op(*args), want)
+            assert torch.autograd.gradcheck(op, args)
+            torch.library.opcheck(op, args)
 
 
 def test_in_place_accumulation_equals_the_out_of_place_addmm(tiny_phi_dir: Path, monkeypatch) -> None:
     """MEDREASON_LORA_INPLACE=0 (torch.addmm, which copies the base output first) and the default
-    in-place op give bit-identical float32 losses and adapter weights over training steps."""
+    in-place op in the same order (base product first) give bit-identical float32 losses and
+    adapter weights over training steps."""
     import torch
 
+    monkeypatch.setenv("MEDREASON_LORA_ADAPTER_FIRST", "0")
     inplace_losses, _ = _train(inplace := _fused(tiny_phi_dir, "float32"), 4)
     monkeypatch.setenv("MEDREASON_LORA_INPLACE", "0")
     copying = _fused(tiny_phi_dir, "float32")
@@ -145,3 +148,20 @@ def test_in_place_accumulation_equals_the_out_of_place_addmm(tiny_phi_dir: Path,
     monkeypatch.setenv("MEDREASON_LORA_INPLACE", "sometimes")
     with pytest.raises(Exception, match="MEDREASON_LORA_INPLACE"):
         _fused(tiny_phi_dir, "float32")
+
+
+def test_adapter_first_order_matches_the_base_first_order(tiny_phi_dir: Path, monkeypatch) -> None:
+    """MEDREASON_LORA_ADAPTER_FIRST=0 (the base product written first, h b^T accumulated into it)
+    against the default order (h b^T and the bias written first, the base product accumulated):
+    the same sum in another order, so float32 losses and adapter weights agree to rounding."""
+    import torch
+
+    first_losses, _ = _train(first := _fused(tiny_phi_dir, "float32"), 4)
+    monkeypatch.setenv("MEDREASON_LORA_ADAPTER_FIRST", "0")
+    last = _fused(tiny_phi_dir, "float32")
+    assert {m.adapter_first for m in last.modules() if hasattr(m, "adapter_first")} == {False}
+    last_losses, _ = _train(last, 4)
+    assert first_losses == pytest.approx(last_losses, rel=1e-5)
+    for (name, p), (_, q) in zip(first.named_parameters(), last.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=name)
