@@ -42,7 +42,7 @@ from medreason.checkpointing import (
     prune_checkpoints,
 )
 from medreason.config import Config
-from medreason.errors import InputError, Preempted
+from medreason.errors import InputError, Preempted, env_switch
 from medreason.packing import MicroBatch, epoch_plan, step_counts, step_micro_batches
 from medreason.prefetch import Prefetcher, prefetch_enabled
 from medreason.profiling import PROFILE_ENV, StepProfiler
@@ -432,10 +432,15 @@ def _start_state(cfg: Config, acc: Any, data: TrainData, tm: TrainModel, ckpt: C
 def setup(cfg: Config, store: ArtifactStore, run_id: str, prepare_manifest: dict[str, Any], force: bool,
           acc: Any, lease: Any = None) -> Trainer:
     """Data, resume decision, model, state and metrics of a run, in that order."""
-    # Parsed first so a malformed MEDREASON_PROFILE or MEDREASON_PREFETCH fails before the
-    # model is loaded.
+    # Parsed first so a malformed MEDREASON_PROFILE or switch (MEDREASON_PREFETCH, the fused
+    # LoRA's and the residual dropout's) fails before the model is loaded.
     profiler = StepProfiler(os.environ.get(PROFILE_ENV), acc.is_main_process)
     prefetch = prefetch_enabled()
+    from medreason.lora_fused import ADAPTER_FIRST_ENV, INPLACE_ENV
+    from medreason.residual_dropout import ENV as RESIDUAL_DROPOUT_ENV
+
+    for name in (INPLACE_ENV, ADAPTER_FIRST_ENV, RESIDUAL_DROPOUT_ENV):
+        env_switch(name)
     check_fsdp(cfg, acc)  # before data, resume and model: a refused setup costs nothing
     tracking = Tracking(cfg, store, run_id, acc)  # a tracker package that is missing: exit 2 now
     ckpt = CheckpointClient(cfg, store, run_id, {"prepare": manifest_hash(prepare_manifest)}, acc, lease)

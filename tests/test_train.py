@@ -143,6 +143,10 @@ def test_bad_input_exits_2(tmp_path: Path, tiny_phi_dir: Path, cli_inproc) -> No
         mp.setenv("MEDREASON_PROFILE", "12:3")  # no folder
         rc, _out, err = cli_inproc(*base, "--run", "b")
     assert rc == 2 and "expected START:STEPS:DIR" in err and "Traceback" not in err
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDREASON_RESIDUAL_DROPOUT", "maybe")  # refused before the model loads
+        rc, _out, err = cli_inproc(*base, "--run", "b")
+    assert rc == 2 and "MEDREASON_RESIDUAL_DROPOUT='maybe'" in err and "model:" not in err
     assert not ArtifactStore(store_uri).is_committed("runs/b/train")
 
     # Checkpoints of one config, then a run with another: refused, unless --force.
