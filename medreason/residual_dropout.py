@@ -181,7 +181,8 @@ def _fused_forward(self: Any, hidden_states: torch.Tensor, attention_mask: Any =
                                      use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
     mlp_outputs = self.mlp(hidden_states)
     p = self.resid_dropout.p
-    if self.training and p > 0:
+    if (self.training and p > 0 and attn_outputs.dtype == mlp_outputs.dtype == residual.dtype
+            and attn_outputs.shape == mlp_outputs.shape == residual.shape):
         return residual_dropout(attn_outputs, mlp_outputs, residual, p)
     return self.resid_dropout(attn_outputs) + self.resid_dropout(mlp_outputs) + residual
 

@@ -149,3 +149,33 @@ def test_swapped_layers_match_transformers_without_dropout_and_train(tiny_phi_di
         losses.append(loss.item())
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.skipif(INTERPRETED, reason="model tests run in the plain process")
+def test_checkpointed_compiled_layers_replay_the_forward_masks(tiny_phi_dir: Path) -> None:
+    """Gradient checkpointing runs each layer's forward again in the backward, and the op draws
+    its seed from torch's generator: checkpointing restores that generator before the replay, so
+    the replayed masks (and with them the gradients) are the first forward's. Against the same
+    model without checkpointing or compilation, same seed: the same gradients."""
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    ids = torch.randint(3, 900, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def grads(checkpointed: bool) -> dict[str, torch.Tensor]:
+        model = _tiny_phi(tiny_phi_dir, 0.3)
+        assert rd.fuse_residual_dropout(model) == 2
+        model.train()
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            torch._dynamo.reset()
+            for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+                layer.compile(backend="aot_eager")
+        torch.manual_seed(7)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, replayed = grads(False), grads(True)
+    assert plain.keys() == replayed.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(replayed[name], grad, atol=1e-5, rtol=1e-5, msg=name)
