@@ -29,7 +29,7 @@ import torch.nn as nn
 
 RESIDUAL_DROPOUT_OP = "medreason::residual_dropout"
 ENV = "MEDREASON_RESIDUAL_DROPOUT"
-BLOCK = 1024  # pairs of positions a Triton program covers
+BLOCK = 1024  # pairs of positions a Triton program covers under the interpreter
 
 
 @functools.cache
@@ -63,8 +63,15 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         tl.store(ga_ptr + at, tl.where(keep_a, g, 0.0).to(ga_ptr.dtype.element_ty), mask=ok)
         tl.store(gb_ptr + at, tl.where(keep_b, g, 0.0).to(gb_ptr.dtype.element_ty), mask=ok)
 
-    del interpret  # part of the cache key only
-    return triton.jit(forward), triton.jit(backward)
+    if interpret:  # the interpreter runs one launch shape (BLOCK)
+        return triton.jit(forward), triton.jit(backward)
+    # On a GPU each kernel times a few launch shapes on its first call for a size and keeps the
+    # fastest; the random numbers depend on the pair index only, so forward and backward may
+    # take different shapes and still draw the same masks.
+    configs = [triton.Config({"BLOCK": block}, num_warps=warps) for block in (256, 512, 1024, 2048)
+               for warps in (4, 8)]
+    return (triton.autotune(configs, key=["n"])(triton.jit(forward)),
+            triton.autotune(configs, key=["n"])(triton.jit(backward)))
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
@@ -79,8 +86,14 @@ def _use_kernel(t: torch.Tensor) -> bool:
     return True
 
 
-def _grid(n: int) -> tuple[int]:
-    return ((n + 2 * BLOCK - 1) // (2 * BLOCK),)
+def _launch(kernel: Any, n: int, *args: Any) -> None:
+    """Launch ``kernel`` over n positions: the fixed BLOCK interpreted, the tuned one on a GPU."""
+    from medreason.evaluation.decode_attention import interpreted
+
+    if interpreted():
+        kernel[((n + 2 * BLOCK - 1) // (2 * BLOCK),)](*args, BLOCK=BLOCK)
+    else:
+        kernel[lambda meta: ((n + 2 * meta["BLOCK"] - 1) // (2 * meta["BLOCK"]),)](*args)
 
 
 def _reference_masks(shape: torch.Size, seed: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +110,7 @@ def _forward(a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor, p: float)
 
         out = torch.empty_like(a)
         n = a.numel()
-        _kernels(interpreted())[0][_grid(n)](a, b, residual, out, seed, n, p, scale, BLOCK=BLOCK)
+        _launch(_kernels(interpreted())[0], n, a, b, residual, out, seed, n, p, scale)
         return out, seed
     keep_a, keep_b = _reference_masks(a.shape, seed, p)
     work = torch.promote_types(a.dtype, torch.float32)
@@ -114,7 +127,7 @@ def _backward(grad: torch.Tensor, seed: torch.Tensor, p: float) -> tuple[torch.T
 
         grad_a, grad_b = torch.empty_like(grad), torch.empty_like(grad)
         n = grad.numel()
-        _kernels(interpreted())[1][_grid(n)](grad, grad_a, grad_b, seed, n, p, scale, BLOCK=BLOCK)
+        _launch(_kernels(interpreted())[1], n, grad, grad_a, grad_b, seed, n, p, scale)
         return grad_a, grad_b
     keep_a, keep_b = _reference_masks(grad.shape, seed, p)
     work = grad.to(torch.promote_types(grad.dtype, torch.float32)) * scale
