@@ -15,8 +15,13 @@ steps in the profile of the fifth round's first call, at a8ec393). Two changes, 
    kernel time in a profile of two phi2-bf16 steps on an H200, at d5e6115). The in-place
    product runs inside one custom op (``LORA_LINEAR_OP``, the base projection and the
    accumulation, with its backward written out), which torch.compile keeps as one node: a traced
-   in-place op on an intermediate would be functionalized back into the copying form.
-   ``MEDREASON_LORA_INPLACE=0`` runs the out-of-place ``addmm`` instead.
+   in-place op on an intermediate would be functionalized back into the copying form
+   (+3.4% phi2-bf16 tokens/s against the copying form, same call; bench/RESULTS.md, sixth round).
+   ``MEDREASON_LORA_INPLACE=0`` runs the out-of-place ``addmm`` instead. Inside the op the order
+   is adapter first: ``addmm(bias, h, b^T)`` writes the output and the base product accumulates
+   into it, so the pass that reads and rewrites the output is the large product's epilogue, not
+   a K = r product of its own (242.7 -> 233.5 ms of those products' kernel time over two steps,
+   +1.6% tokens/s, same call). ``MEDREASON_LORA_ADAPTER_FIRST=0`` writes the base product first.
 2. Phi's decoder layer feeds one LayerNorm output to q/k/v and fc1 (attention and MLP run in
    parallel): their four A matrices run as one product of r x 4 columns, computed once in the
    LayerNorm's forward (``SharedA``). The input is read once, and autograd's backward of that one
