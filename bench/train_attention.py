@@ -12,6 +12,8 @@ sequence lengths (cuDNN's ragged SDPA). For each kernel: the forward and the bac
 reference on the first records, and for cuDNN the cost of its first call at a new number of
 records (it builds an execution plan per shape) and whether zero-length records give the same
 result (padding the record count to a fixed bound would make one plan serve every batch).
+A kernel that fails is recorded with its error (cuDNN's backward did, with torch 2.11:
+bench/RESULTS.md, sixth round).
 """
 
 from __future__ import annotations
@@ -161,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in (("flash", flash), ("cudnn", cudnn)):
         try:
             row = measure(name, make, q, k, v, grad, cu, args.row_len, want, args.iters)
-        except RuntimeError as exc:  # noqa: BLE001 - a kernel that does not run is a result
-            row = {"kernel": name, "error": str(exc)[:500]}
+        except (RuntimeError, IndexError) as exc:  # noqa: BLE001 - a kernel that does not run is a result
+            # (torch 2.11's cuDNN backward with packed [tokens, heads, dim] inputs raised IndexError)
+            row = {"kernel": name, "error": f"{type(exc).__name__}: {exc}"[:500]}
         result["kernels"].append(row)
         print(json.dumps(row))
     if "error" not in result["kernels"][1]:

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medreason.evaluation.decode_attention import interpreted
+
 RESIDUAL_DROPOUT_OP = "medreason::residual_dropout"
 ENV = "MEDREASON_RESIDUAL_DROPOUT"
 BLOCK = 1024  # pairs of positions a Triton program covers under the interpreter
@@ -77,8 +79,6 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
-    from medreason.evaluation.decode_attention import interpreted
-
     if not (t.is_cuda or interpreted()):
         return False
     try:
@@ -90,8 +90,6 @@ def _use_kernel(t: torch.Tensor) -> bool:
 
 def _launch(kernel: Any, n: int, *args: Any) -> None:
     """Launch ``kernel`` over n positions: the fixed BLOCK interpreted, the tuned one on a GPU."""
-    from medreason.evaluation.decode_attention import interpreted
-
     if interpreted():
         kernel[((n + 2 * BLOCK - 1) // (2 * BLOCK),)](*args, BLOCK=BLOCK)
     else:
@@ -108,8 +106,6 @@ def _forward(a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor, p: float)
     scale = 1.0 / (1.0 - p)
     a, b, residual = a.contiguous(), b.contiguous(), residual.contiguous()
     if _use_kernel(a):
-        from medreason.evaluation.decode_attention import interpreted
-
         out = torch.empty_like(a)
         n = a.numel()
         _launch(_kernels(interpreted())[0], n, a, b, residual, out, seed, n, p, scale)
@@ -125,8 +121,6 @@ def _backward(grad: torch.Tensor, seed: torch.Tensor, p: float) -> tuple[torch.T
     scale = 1.0 / (1.0 - p)
     grad = grad.contiguous()
     if _use_kernel(grad):
-        from medreason.evaluation.decode_attention import interpreted
-
         grad_a, grad_b = torch.empty_like(grad), torch.empty_like(grad)
         n = grad.numel()
         _launch(_kernels(interpreted())[1], n, grad, grad_a, grad_b, seed, n, p, scale)
