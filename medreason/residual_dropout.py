@@ -212,7 +212,11 @@ def fuse_residual_dropout(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is phi and isinstance(module.resid_dropout, nn.Dropout) and module.resid_dropout.p > 0:
             if phi not in _FUSED_CLASS:
-                _FUSED_CLASS[phi] = type(f"ResidualDropout{phi.__name__}", (phi,), {"forward": _fused_forward})
+                # The subclass keeps the layer's name: accelerate's FSDP wrap policy finds the
+                # blocks to shard by the class names in the model's _no_split_modules.
+                _FUSED_CLASS[phi] = type(phi.__name__, (phi,), {"forward": _fused_forward,
+                                                                "__qualname__": phi.__qualname__,
+                                                                "__module__": __name__})
             module.__class__ = _FUSED_CLASS[phi]
             count += 1
     if count:

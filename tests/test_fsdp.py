@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,12 +73,23 @@ def _adapter(store: ArtifactStore, run: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory, tiny_phi_dir: Path) -> tuple[Path, str, str]:
+def dropout_phi_dir(tmp_path_factory: pytest.TempPathFactory, tiny_phi_dir: Path) -> Path:
+    """The tiny Phi with Phi-2's residual dropout (resid_pdrop 0.1): the job swaps its decoder
+    layers for the one-kernel residual sum before FSDP wraps them."""
+    folder = tmp_path_factory.mktemp("dropout_phi") / "model"
+    shutil.copytree(tiny_phi_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "resid_pdrop": 0.1}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, dropout_phi_dir: Path) -> tuple[Path, str, str]:
     """One uninterrupted 2-process FSDP run: (folder, store URI, stderr)."""
     root = tmp_path_factory.mktemp("fsdp")
     store_uri = str(root / "store")
     cfg = _bf16_config(root / "cfg.yaml")
-    commit_prepare(store_uri, "straight", cfg, tiny_phi_dir, n_train=32, n_eval=4)
+    commit_prepare(store_uri, "straight", cfg, dropout_phi_dir, n_train=32, n_eval=4)
     proc = _launch(CPU_FSDP, store_uri, "straight", cfg, root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root, store_uri, proc.stderr
@@ -88,6 +100,8 @@ def test_bf16_base_float32_adapters_train_and_commit(straight: tuple[Path, str, 
     store = ArtifactStore(store_uri)
     assert "PhiForCausalLM (bfloat16" in err  # the base really is bf16 ...
     assert "2 processes per step" in err
+    # The decoder layers were swapped (the log is rank 0's) and accelerate still found them to shard.
+    assert "residual dropout: 2 decoder layer(s)" in err
     assert "LoRA products bfloat16 (the activations' dtype" in err  # train.lora_compute_dtype=base under FSDP2
     manifest = store.read_manifest("runs/straight/train")
     assert manifest["metrics"]["steps"] == STEPS and manifest["world_size"] == 2
@@ -109,11 +123,11 @@ def test_bf16_base_float32_adapters_train_and_commit(straight: tuple[Path, str, 
 
 
 def test_sigterm_checkpoint_then_resume_matches_uninterrupted(straight: tuple[Path, str, str],
-                                                              tiny_phi_dir: Path) -> None:
+                                                              dropout_phi_dir: Path) -> None:
     root, store_uri, _err = straight
     store = ArtifactStore(store_uri)
     cfg = _bf16_config(root / "cfg-killed.yaml")
-    commit_prepare(store_uri, "killed", cfg, tiny_phi_dir, n_train=32, n_eval=4)
+    commit_prepare(store_uri, "killed", cfg, dropout_phi_dir, n_train=32, n_eval=4)
     log_path = root / "killed.log"
     with open(log_path, "wb") as fh:
         proc = subprocess.Popen(_launch_cmd(CPU_FSDP, store_uri, "killed", cfg),

@@ -152,6 +152,22 @@ def test_swapped_layers_match_transformers_without_dropout_and_train(tiny_phi_di
 
 
 @pytest.mark.skipif(INTERPRETED, reason="model tests run in the plain process")
+def test_fsdp_wrap_policy_still_finds_the_swapped_layers(tiny_phi_dir: Path) -> None:
+    """accelerate's FSDP2 wrap policy looks the blocks up by the names in _no_split_modules
+    ("PhiDecoderLayer"): the swapped layers keep that name, so every block is its own unit."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    model = _tiny_phi(tiny_phi_dir, 0.1)
+    assert rd.fuse_residual_dropout(model) == 2
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)  # raised "Could not find ... PhiDecoderLayer"
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    assert wrapped == ["model.layers.0", "model.layers.1"]
+    assert all(m.forward.__func__ is rd._fused_forward for m in model.model.layers)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="model tests run in the plain process")
 def test_checkpointed_compiled_layers_replay_the_forward_masks(tiny_phi_dir: Path) -> None:
     """Gradient checkpointing runs each layer's forward again in the backward, and the op draws
     its seed from torch's generator: checkpointing restores that generator before the replay, so
